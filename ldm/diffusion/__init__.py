@@ -1,0 +1,22 @@
+"""The DDPM core: schedules, training objectives, samplers and guidance."""
+
+from ldm.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
+from ldm.diffusion.objectives import diffusion_loss, drop_conditions, min_snr_weight
+from ldm.diffusion.samplers import SAMPLERS, initial_state, sample
+from ldm.diffusion.schedule import NoiseSchedule, make_betas
+from ldm.diffusion.timesteps import make_timesteps, strength_timesteps
+
+__all__ = [
+    "SAMPLERS",
+    "ClassifierFreeGuidance",
+    "ClassifierGuidance",
+    "NoiseSchedule",
+    "diffusion_loss",
+    "drop_conditions",
+    "initial_state",
+    "make_betas",
+    "make_timesteps",
+    "min_snr_weight",
+    "sample",
+    "strength_timesteps",
+]

@@ -1,0 +1,172 @@
+"""Noise schedules and the forward process of DDPM (Ho et al. 2020) in closed form.
+
+Everything is computed in float64 and cast to the sample's dtype where it meets a tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ldm.validation import check_choice, check_int
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+PREDICTION_TYPES = ("epsilon", "v", "x0")
+_PREDICTION_ALIASES = {"eps": "epsilon", "v_prediction": "v", "sample": "x0"}
+_DEFAULT_BETA_RANGE = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
+# Smallest ᾱ used to turn ᾱ into σ, so a zero-terminal-SNR schedule keeps a finite σ_max
+# (the value diffusers uses for the same purpose).
+_MIN_ALPHA_BAR = 2.0**-24
+
+
+def make_betas(
+    kind: str = "scaled_linear",
+    num_train_timesteps: int = 1000,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
+) -> Tensor:
+    """β_1..β_T (float64) for a named schedule.
+
+    linear: Ho et al. 2020 (1e-4 → 0.02); scaled_linear: Stable Diffusion (√β linear,
+    0.00085 → 0.012); cosine: Nichol & Dhariwal 2021 eq. 17 with s=0.008 and β ≤ 0.999.
+    """
+    check_choice("beta_schedule", kind, BETA_SCHEDULES)
+    check_int("num_train_timesteps", num_train_timesteps, 2)
+    if kind == "cosine":
+        return _cosine_betas(num_train_timesteps)
+    start, end = _DEFAULT_BETA_RANGE[kind]
+    start = start if beta_start is None else beta_start
+    end = end if beta_end is None else beta_end
+    if not 0.0 < start <= end < 1.0:
+        raise ValueError(f"beta_start={start!r}, beta_end={end!r}: need 0 < beta_start <= beta_end < 1")
+    if kind == "linear":
+        return torch.linspace(start, end, num_train_timesteps, dtype=torch.float64)
+    return torch.linspace(start**0.5, end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+
+
+def _cosine_betas(num_train_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    steps = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Shift and scale √ᾱ so that ᾱ_T = 0 while ᾱ_1 is kept (Lin et al. 2023, Algorithm 1)."""
+    sqrt_ab = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    alpha_bar = sqrt_ab**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+class NoiseSchedule:
+    """A discrete variance-preserving schedule: β_t, ᾱ_t = ∏(1-β_s), and the forward process."""
+
+    def __init__(self, betas: Tensor) -> None:
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.ndim != 1 or betas.numel() < 2 or not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError(f"betas must be a 1-D tensor of values in (0, 1]; got shape {tuple(betas.shape)}")
+        self.betas = betas
+        self.alpha_bar = torch.cumprod(1 - betas, dim=0)
+        # σ_t = √((1-ᾱ_t)/ᾱ_t): the noise level of the equivalent variance-exploding process.
+        ab = self.alpha_bar.clamp(min=_MIN_ALPHA_BAR)
+        self.sigmas = ((1 - ab) / ab).sqrt()
+
+    @classmethod
+    def create(
+        cls,
+        beta_schedule: str = "scaled_linear",
+        num_train_timesteps: int = 1000,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
+        zero_terminal_snr: bool = False,
+    ) -> NoiseSchedule:
+        betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.betas.numel()
+
+    def sigma_at(self, t: Tensor | float) -> Tensor:
+        """σ(t) (float64), linear in t between integer timesteps, as k-diffusion and diffusers do."""
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_train_timesteps - 1)
+        low = t.floor().long()
+        high = (low + 1).clamp(max=self.num_train_timesteps - 1)
+        w = t - low
+        return (1 - w) * self.sigmas[low] + w * self.sigmas[high]
+
+    def alpha_bar_at(self, t: Tensor | float) -> Tensor:
+        """ᾱ(t) (float64); exact at integer t, through the interpolated σ(t) in between."""
+        return 1 / (1 + self.sigma_at(t) ** 2)
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) (Kingma et al. 2021)."""
+        ab = self.alpha_bar_at(t)
+        return ab / (1 - ab)
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε  (Ho et al. 2020, eq. 4)."""
+        ab = broadcast(self.alpha_bar_at(t), x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance β̃_t of q(x_{t-1} | x_t, x_0)  (Ho et al. 2020, eqs. 6-7), integer t."""
+        t = torch.as_tensor(t).long()
+        ab = self.alpha_bar[t]
+        ab_prev = torch.where(t > 0, self.alpha_bar[(t - 1).clamp(min=0)], torch.ones_like(ab))
+        beta = self.betas[t]
+        coef_x0 = ab_prev.sqrt() * beta / (1 - ab)
+        coef_xt = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
+        mean = broadcast(coef_x0, x0) * x0 + broadcast(coef_xt, x_t) * x_t
+        variance = broadcast((1 - ab_prev) / (1 - ab) * beta, x_t)
+        return mean, variance.expand_as(mean)
+
+
+def broadcast(values: Tensor, like: Tensor) -> Tensor:
+    """A per-sample (B,) or scalar float64 tensor reshaped to (B, 1, ..., 1) in ``like``'s dtype."""
+    values = torch.as_tensor(values).to(device=like.device, dtype=like.dtype)
+    return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+
+
+def normalize_prediction_type(prediction_type: str) -> str:
+    """'epsilon' | 'v' | 'x0' (diffusers' 'v_prediction' and 'sample' are accepted too)."""
+    name = _PREDICTION_ALIASES.get(prediction_type, prediction_type)
+    check_choice("prediction_type", name, PREDICTION_TYPES + tuple(_PREDICTION_ALIASES))
+    return name
+
+
+def predict_x0(pred: Tensor, x_t: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
+    """x̂_0 from a network output of the given type at noise level ᾱ (per sample)."""
+    ab = broadcast(alpha_bar, x_t)
+    kind = normalize_prediction_type(prediction_type)
+    if kind == "epsilon":
+        return (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
+    if kind == "v":  # v = √ᾱ ε - √(1-ᾱ) x_0  (Salimans & Ho 2022)
+        return ab.sqrt() * x_t - (1 - ab).sqrt() * pred
+    return pred
+
+
+def predict_eps(pred: Tensor, x_t: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
+    """ε̂ from a network output of the given type at noise level ᾱ (per sample)."""
+    ab = broadcast(alpha_bar, x_t)
+    kind = normalize_prediction_type(prediction_type)
+    if kind == "epsilon":
+        return pred
+    if kind == "v":
+        return ab.sqrt() * pred + (1 - ab).sqrt() * x_t
+    return (x_t - ab.sqrt() * pred) / (1 - ab).sqrt()
+
+
+def prediction_from(x0: Tensor, eps: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
+    """The network output of the given type that corresponds to (x_0, ε): the training target."""
+    kind = normalize_prediction_type(prediction_type)
+    if kind == "epsilon":
+        return eps
+    if kind == "x0":
+        return x0
+    ab = broadcast(alpha_bar, x0)
+    return ab.sqrt() * eps - (1 - ab).sqrt() * x0

@@ -1,0 +1,61 @@
+"""Which training timesteps a sampler visits, and where image-to-image starts.
+
+The spacings follow Lin et al. 2023, Table 2 ("Common diffusion noise schedules and sample
+steps are flawed"), with the conventions of the diffusers schedulers so that the same names
+give the same steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ldm.validation import check_choice, check_float, check_int
+
+# leading:  t = k·⌊T/N⌋ + offset (SD's DDIM/PNDM default);  trailing: t = round(T - k·T/N) - 1;
+# linspace: N evenly spaced, possibly fractional t in [0, T-1] (Euler's default);
+# uniform:  N+1 evenly spaced integer t in [0, T-1], the last (t=0) dropped (DPM-Solver's default).
+SPACINGS = ("leading", "linspace", "trailing", "uniform")
+
+
+def make_timesteps(
+    num_steps: int,
+    num_train_timesteps: int = 1000,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+) -> Tensor:
+    """Descending timesteps (float32, shape (num_steps,)) for a sampler of ``num_steps`` steps."""
+    check_int("num_train_timesteps", num_train_timesteps, 2)
+    check_int("num_steps", num_steps, 1, num_train_timesteps)
+    check_choice("timestep_spacing", spacing, SPACINGS)
+    check_int("steps_offset", steps_offset, 0, num_train_timesteps - 1)
+    n, T = num_steps, num_train_timesteps
+    if spacing == "leading":
+        steps = (np.arange(n) * (T // n)).round()[::-1] + steps_offset
+        if steps[0] > T - 1:
+            raise ValueError(f"steps_offset={steps_offset} with num_steps={n} passes the last timestep {T - 1}")
+    elif spacing == "trailing":
+        steps = np.round(np.arange(T, 0, -T / n)) - 1
+    elif spacing == "linspace":
+        steps = np.linspace(0, T - 1, n)[::-1]
+    else:
+        steps = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+    return torch.from_numpy(steps.astype(np.float32).copy())
+
+
+def strength_timesteps(timesteps: Tensor, strength: float) -> Tensor:
+    """The tail of ``timesteps`` that image-to-image runs at ``strength`` ∈ (0, 1].
+
+    strength 1 keeps every step (start from pure noise); smaller strengths skip the noisiest
+    ``(1 - strength)`` share, as SDEdit (Meng et al. 2022) and diffusers do.
+    """
+    check_float("strength", strength, 0.0, 1.0, low_open=True)
+    n = len(timesteps)
+    kept = min(int(n * strength), n)
+    if kept == 0:
+        raise ValueError(
+            f"strength={strength!r} with {n} steps leaves no denoising step; "
+            f"allowed: strength >= {1 / n:g} for {n} steps"
+        )
+    return timesteps[n - kept :]
