@@ -55,7 +55,10 @@ def class_log_prob_grad(classifier: Callable[[Tensor, Tensor], Tensor], x: Tenso
     """∇_x log p(y | x_t) of a noise-aware classifier returning logits (B, classes)."""
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
-        log_probs = torch.log_softmax(classifier(x_in, t).float(), dim=-1)
+        logits = classifier(x_in, t)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)
         chosen = log_probs[torch.arange(x.shape[0], device=x.device), labels].sum()
         return torch.autograd.grad(chosen, x_in)[0]
 
