@@ -1,0 +1,237 @@
+"""The Stable Diffusion U-Net: a time-conditioned U-Net with cross-attention (Rombach et al. 2022).
+
+``UNet().state_dict()`` has exactly the keys of an original SD checkpoint with the
+``model.diffusion_model.`` prefix stripped (``time_embed.0``, ``input_blocks.N.M``,
+``middle_block.{0,1,2}``, ``output_blocks.N.M``, ``out.{0,2}``, ``label_emb``), so an SD single
+file loads after stripping the prefix. Block order and widths follow CompVis ``openaimodel.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm.modules.attention import SpatialTransformer
+from ldm.modules.resnet import Downsample, ResBlock, Upsample
+from ldm.validation import check_int
+
+
+@dataclass
+class UNetConfig:
+    """U-Net hyper-parameters; the defaults are SD v1.5 (``v1-inference.yaml``).
+
+    ``attention_levels`` are the indices into ``channel_mult`` whose blocks get a transformer
+    (the middle block always has one). Exactly one of ``num_heads`` (SD v1: 8) and ``head_dim``
+    (SD v2: 64) is set. ``in_channels`` > 4 means concat conditioning (inpainting: 9).
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)
+    num_heads: int | None = 8
+    head_dim: int | None = None
+    context_dim: int = 768
+    transformer_depth: int = 1
+    use_linear_projection: bool = False
+    num_classes: int | None = None
+    norm_groups: int = 32
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        self.channel_mult = _int_tuple("channel_mult", self.channel_mult, low=1)  # YAML and JSON give lists
+        self.attention_levels = _int_tuple("attention_levels", self.attention_levels, low=0)
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "context_dim",
+                     "transformer_depth", "norm_groups"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("use_linear_projection", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+        if self.num_classes is not None:
+            check_int("num_classes", self.num_classes, 1)
+        self._check_levels()
+
+    def _check_levels(self) -> None:
+        levels = list(range(len(self.channel_mult)))
+        if not self.channel_mult:
+            raise ValueError("channel_mult=() is empty; allowed: a non-empty tuple of positive integers")
+        if list(self.attention_levels) != sorted(set(self.attention_levels) & set(levels)):
+            raise ValueError(f"attention_levels={self.attention_levels!r} is not supported; "
+                             f"allowed: increasing, distinct indices in {levels}")
+        if (self.num_heads is None) == (self.head_dim is None):
+            raise ValueError(f"num_heads={self.num_heads!r}, head_dim={self.head_dim!r}: set exactly one of them")
+        name = "num_heads" if self.head_dim is None else "head_dim"
+        check_int(name, getattr(self, name), 1)
+        for channels in [self.model_channels, *self.level_channels]:
+            if channels % self.norm_groups:
+                raise ValueError(f"norm_groups={self.norm_groups} does not divide {channels} channels; allowed: "
+                                 "a divisor of model_channels and of every model_channels·channel_mult")
+        for channels in {self.level_channels[i] for i in self.attention_levels} | {self.level_channels[-1]}:
+            self.heads(channels)
+
+    @property
+    def level_channels(self) -> list[int]:
+        """Feature channels of each resolution level: model_channels · channel_mult."""
+        return [self.model_channels * mult for mult in self.channel_mult]
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(heads, dim_head) of a transformer on ``channels`` features, as in CompVis."""
+        size = self.num_heads or self.head_dim
+        if channels % size:
+            name = "num_heads" if self.head_dim is None else "head_dim"
+            raise ValueError(f"{name}={size} does not divide {channels} attention channels; allowed: a divisor of it")
+        return (self.num_heads, channels // self.num_heads) if self.num_heads else (channels // size, size)
+
+
+def _int_tuple(name: str, value: object, low: int) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name}={value!r} must be a list or tuple of integers >= {low}")
+    return tuple(check_int(name, v, low) for v in value)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding [cos(t·ω_i), sin(t·ω_i)], ω_i = max_period^(-i/(dim/2)) (Vaswani et al.
+    2017, sec. 3.5; CompVis order = diffusers ``flip_sin_to_cos=True, freq_shift=0``). (B,) → (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A block of the U-Net: passes the time embedding to ResBlocks and the context to transformers."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None, size: tuple[int, int] | None = None) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """ε/v-prediction U-Net ``forward(x, t, context, y) -> (B, out_channels, H, W)``."""
+
+    def __init__(self, config: UNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or UNetConfig()
+        mc, emb_dim = config.model_channels, 4 * config.model_channels
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if config.num_classes is not None:
+            self.label_emb = nn.Embedding(config.num_classes, emb_dim)
+        self.input_blocks, skip_channels = self._encoder()
+        ch = skip_channels[-1]
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, ch, emb_dim, config.norm_groups),
+            self._transformer(ch),
+            ResBlock(ch, ch, emb_dim, config.norm_groups),
+        )
+        self.output_blocks = self._decoder(skip_channels)
+        ch = config.level_channels[0]
+        self.out = nn.Sequential(
+            nn.GroupNorm(config.norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, config.out_channels, 3, padding=1)
+        )
+        nn.init.zeros_(self.out[2].weight)  # zero_module in CompVis
+        nn.init.zeros_(self.out[2].bias)
+
+    def _encoder(self) -> tuple[nn.ModuleList, list[int]]:
+        """conv_in, then per level num_res_blocks × (ResBlock[, transformer]) and a Downsample
+        (none after the last level); also the channels of every block's output, the skips."""
+        c = self.config
+        blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
+        skip_channels = [c.model_channels]
+        for level, channels in enumerate(c.level_channels):
+            for _ in range(c.num_res_blocks):
+                blocks.append(self._res_attn(level, skip_channels[-1], channels))
+                skip_channels.append(channels)
+            if level != len(c.channel_mult) - 1:
+                blocks.append(TimestepEmbedSequential(Downsample(channels)))
+                skip_channels.append(channels)
+        return blocks, skip_channels
+
+    def _decoder(self, skip_channels: list[int]) -> nn.ModuleList:
+        """Per level, deepest first, num_res_blocks + 1 × (ResBlock[, transformer]) on [h; skip],
+        the last one followed by an Upsample (none at level 0)."""
+        c, blocks = self.config, nn.ModuleList()
+        skip_channels, ch = list(skip_channels), skip_channels[-1]
+        for level in reversed(range(len(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                block = self._res_attn(level, ch + skip_channels.pop(), c.level_channels[level])
+                ch = c.level_channels[level]
+                if level and i == c.num_res_blocks:
+                    block.append(Upsample(ch))
+                blocks.append(block)
+        return blocks
+
+    def _res_attn(self, level: int, ch_in: int, ch_out: int) -> TimestepEmbedSequential:
+        c = self.config
+        block = TimestepEmbedSequential(ResBlock(ch_in, ch_out, 4 * c.model_channels, c.norm_groups))
+        if level in c.attention_levels:
+            block.append(self._transformer(ch_out))
+        return block
+
+    def _transformer(self, channels: int) -> SpatialTransformer:
+        c = self.config
+        heads, dim_head = c.heads(channels)
+        return SpatialTransformer(
+            channels, heads, dim_head, c.transformer_depth, c.context_dim, c.use_linear_projection, c.norm_groups
+        )
+
+    def _run(self, block: TimestepEmbedSequential, *args: object) -> Tensor:
+        """Run one block, through activation checkpointing (Chen et al. 2016) when enabled and training."""
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def embed(self, x: Tensor, t: Tensor | float | int, y: Tensor | None) -> Tensor:
+        """The time (plus class) embedding (B, 4·model_channels) of timesteps ``t`` (scalar or (B,))."""
+        batch = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0 or t.shape == (1,):
+            t = t.reshape(1).expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"t has shape {tuple(t.shape)}; expected a scalar or ({batch},)")
+        weight = self.time_embed[0].weight
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(weight.dtype))
+        if (y is None) != (self.config.num_classes is None):
+            raise ValueError(f"y={'None' if y is None else 'a tensor'} but num_classes={self.config.num_classes}; "
+                             "class labels y are required exactly when num_classes is set")
+        if y is not None:
+            if y.shape != (batch,):
+                raise ValueError(f"y has shape {tuple(y.shape)}; expected ({batch},)")
+            emb = emb + self.label_emb(y.to(x.device)).to(emb.dtype)
+        return emb
+
+    def forward(
+        self, x: Tensor, t: Tensor | float | int, context: Tensor | None = None, y: Tensor | None = None
+    ) -> Tensor:
+        """x (B, in_channels, H, W), t (B,) or scalar, context (B, L, context_dim), y (B,) labels
+        → (B, out_channels, H, W)."""
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, {self.config.in_channels}, H, W)")
+        if context is None or context.ndim != 3 or context.shape[-1] != self.config.context_dim:
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"context has shape {got}; expected (B, L, {self.config.context_dim})")
+        emb = self.embed(x, t, y)
+        h, context, skips = x.to(emb.dtype), context.to(emb.dtype), []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            size = skips[-1].shape[-2:] if skips else None  # the next skip's size: odd sizes round-trip
+            h = self._run(block, h, emb, context, size)
+        return self.out(h)
