@@ -1,0 +1,24 @@
+"""Conditioning: CLIP tokenizer and text encoders (labels and spatial conditioning beside them).
+
+Names are imported lazily so that ``import ldm.conditioning`` stays cheap (transformers and
+open_clip load on first use).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ClipTokenizer": "ldm.conditioning.tokenizer",
+    "TextEncoder": "ldm.conditioning.text",
+    "TextEncoderConfig": "ldm.conditioning.text",
+    "PRESETS": "ldm.conditioning.text",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,148 @@
+"""Frozen text encoders producing the cross-attention context (B, 77, width).
+
+kind "clip" (SD v1): transformers' ``CLIPTextModel``; output is ``last_hidden_state`` (after the
+final layer norm). kind "openclip" (SD v2): open_clip's text tower; output is the penultimate
+resblock's output followed by ``ln_final``, as SD v2's ``FrozenOpenCLIPEmbedder(layer="penultimate")``.
+
+State-dict keys equal the original single-file layouts: kind clip gives ``text_model.*``
+(stored under ``cond_stage_model.transformer.`` in SD v1 files); kind openclip gives open_clip's
+``token_embedding.weight``, ``positional_embedding``, ``transformer.resblocks.N.*``, ``ln_final.*``,
+``text_projection``, ``logit_scale`` (stored under ``cond_stage_model.model.`` in SD v2 files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
+from torch import Tensor, nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ldm.validation import check_choice, check_float, check_int
+
+KINDS = ("clip", "openclip")
+ACTS = ("quick_gelu", "gelu")
+LAYERS = ("last", "penultimate")
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Architecture of a CLIP text transformer; defaults are SD v1's ViT-L/14 text tower."""
+
+    kind: str = "clip"
+    vocab_size: int = 49408
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    max_length: int = 77
+    mlp_ratio: float = 4.0  # MLP hidden size = width * mlp_ratio
+    act: str = "quick_gelu"
+    layer: str = "last"  # whose hidden states (then the final layer norm) form the context
+
+    def __post_init__(self) -> None:
+        check_choice("kind", self.kind, KINDS)
+        check_int("vocab_size", self.vocab_size, low=1)
+        check_int("width", self.width, low=1)
+        check_int("layers", self.layers, low=2 if self.layer == "penultimate" else 1)
+        check_int("heads", self.heads, low=1)
+        check_int("max_length", self.max_length, low=2)
+        check_float("mlp_ratio", self.mlp_ratio, low=0, low_open=True)
+        check_choice("act", self.act, ACTS)
+        check_choice("layer", self.layer, LAYERS)
+        if self.width % self.heads:
+            raise ValueError(f"heads={self.heads!r} must divide width={self.width}; allowed: a divisor of {self.width}")
+        if (self.width * self.mlp_ratio) % 1:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must make width*mlp_ratio an integer (width={self.width})")
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TextEncoderConfig":
+        """Build from a mapping (e.g. a YAML section); unknown keys raise ``ValueError``."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"text encoder config key {unknown[0]!r} is unknown; allowed: {', '.join(fields)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS = {
+    "sd-v1": TextEncoderConfig(),
+    "sd-v2": TextEncoderConfig(kind="openclip", width=1024, layers=24, heads=16, act="gelu", layer="penultimate"),
+}
+
+
+def hf_text_kwargs(config: TextEncoderConfig, layers: int | None = None) -> dict[str, Any]:
+    """``CLIPTextConfig`` kwargs with ``config``'s architecture (``layers`` overrides the depth)."""
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.width,
+        intermediate_size=config.intermediate_size,
+        projection_dim=config.width,
+        num_hidden_layers=config.layers if layers is None else layers,
+        num_attention_heads=config.heads,
+        max_position_embeddings=config.max_length,
+        hidden_act=config.act,
+        layer_norm_eps=1e-5,
+        bos_token_id=49406,
+        eos_token_id=49407,
+    )
+
+
+class TextEncoder(nn.Module):
+    """``TextEncoder(config)(token_ids (B, max_length)) -> context (B, max_length, width)``."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.kind == "clip":
+            model = CLIPTextModel(CLIPTextConfig(**hf_text_kwargs(config)))
+            # transformers >= 5.6 flattened CLIPTextModel; older ones wrap it in `.text_model`.
+            self.text_model = getattr(model, "text_model", model)
+        else:
+            self._adopt_open_clip_tower(config)
+
+    def _adopt_open_clip_tower(self, config: TextEncoderConfig) -> None:
+        """Build open_clip's text tower and register its parts at top level (SD v2 key layout)."""
+        tower = TextTransformer(
+            context_length=config.max_length, vocab_size=config.vocab_size, width=config.width,
+            heads=config.heads, layers=config.layers, mlp_ratio=config.mlp_ratio, output_dim=config.width,
+            act_layer=QuickGELU if config.act == "quick_gelu" else nn.GELU, norm_layer=LayerNorm,
+        )
+        self.token_embedding = tower.token_embedding
+        self.positional_embedding = tower.positional_embedding
+        self.transformer = tower.transformer
+        self.ln_final = tower.ln_final
+        self.text_projection = tower.text_projection  # unused for the context; kept for SD v2 files
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # as open_clip's CLIP
+        self.register_buffer("attn_mask", tower.attn_mask, persistent=False)  # causal, -inf above diagonal
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        if self.config.kind == "clip":
+            return self._forward_clip(token_ids)
+        return self._forward_openclip(token_ids)
+
+    def _forward_clip(self, token_ids: Tensor) -> Tensor:
+        if self.config.layer == "last":
+            return self.text_model(input_ids=token_ids).last_hidden_state
+        hidden = self.text_model(input_ids=token_ids, output_hidden_states=True).hidden_states
+        return self.text_model.final_layer_norm(hidden[-2])  # "clip skip" 2
+
+    def _forward_openclip(self, token_ids: Tensor) -> Tensor:
+        length = token_ids.shape[1]
+        x = self.token_embedding(token_ids) + self.positional_embedding[:length]  # (B, L, width)
+        blocks = self.transformer.resblocks
+        if self.config.layer == "penultimate":
+            blocks = blocks[:-1]
+        for block in blocks:
+            x = block(x, attn_mask=self.attn_mask[:length, :length])
+        return self.ln_final(x)

@@ -1,0 +1,115 @@
+"""CLIP BPE tokenizer built offline from the vocabulary open_clip ships.
+
+The BPE itself is open_clip's ``SimpleTokenizer`` (ftfy + html clean-up, lower case), so ids
+equal ``open_clip.tokenize``. Layout per prompt: ``<start> ids <end> pad…`` with
+``max_length`` slots. SD v1 (transformers' CLIPTokenizer) pads with the end token 49407;
+SD v2 (open_clip) pads with 0, which is the token ``"!"``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer, default_bpe
+
+from ldm.validation import check_int
+
+logger = logging.getLogger(__name__)
+
+START, END = "<|startoftext|>", "<|endoftext|>"  # transformers' names for open_clip's specials
+_OPEN_CLIP_SPECIALS = {"<start_of_text>": START, "<end_of_text>": END}
+
+
+class ClipTokenizer:
+    """``ClipTokenizer(max_length=77, pad_token_id=49407)(prompts) -> LongTensor (B, max_length)``."""
+
+    def __init__(self, max_length: int = 77, pad_token_id: int = 49407) -> None:
+        self.bpe = SimpleTokenizer(context_length=max_length)
+        self.max_length = check_int("max_length", max_length, low=2)
+        self.pad_token_id = check_int("pad_token_id", pad_token_id, low=0, high=self.bpe.vocab_size - 1)
+        self.start_token_id = self.bpe.sot_token_id  # 49406
+        self.end_token_id = self.bpe.eot_token_id  # 49407
+
+    @property
+    def vocab_size(self) -> int:
+        return self.bpe.vocab_size
+
+    def encode(self, prompt: str) -> list[int]:
+        """BPE ids of ``prompt`` without start/end tokens and without truncation."""
+        return self.bpe.encode(prompt)
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        """Tokenize, truncate (keeping the end token, with a logged warning) and pad."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        out = torch.full((len(prompts), self.max_length), self.pad_token_id, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids = self._truncate(prompt, self.encode(prompt))
+            ids = [self.start_token_id, *ids, self.end_token_id]
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def _truncate(self, prompt: str, ids: list[int]) -> list[int]:
+        room = self.max_length - 2  # slots left beside <start> and <end>
+        if len(ids) > room:
+            shown = prompt if len(prompt) <= 100 else prompt[:100] + "…"
+            logger.warning(
+                "prompt %r is too long: dropped its last %d of %d tokens (max_length=%d)",
+                shown, len(ids) - room, len(ids), self.max_length,
+            )
+        return ids[:room]
+
+    def hf_vocab(self) -> dict[str, int]:
+        """The vocabulary with transformers' names for the two special tokens."""
+        return {_OPEN_CLIP_SPECIALS.get(tok, tok): i for tok, i in self.bpe.encoder.items()}
+
+    def save_hf(self, folder: str | Path) -> Path:
+        """Write a folder ``transformers.CLIPTokenizer.from_pretrained`` loads offline with equal ids.
+
+        Two known differences on transformers' side, for any CLIP tokenizer folder: transformers >= 5
+        runs no ftfy (curly quotes, ligatures, full-width letters, html entities tokenize otherwise),
+        and with SD v2's pad token "!" it splits "!" runs into pad tokens (as diffusers' SD v2 does).
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / "vocab.json", self.hf_vocab())
+        merges = [" ".join(pair) for pair, _ in sorted(self.bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        pad = self.bpe.decoder[self.pad_token_id]
+        specials = {"bos_token": START, "eos_token": END, "unk_token": END,
+                    "pad_token": _OPEN_CLIP_SPECIALS.get(pad, pad)}  # SD v2: "!" (id 0)
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, "do_lower_case": True,
+                  "errors": "replace", "add_prefix_space": False, **specials}
+        _write_json(folder / "tokenizer_config.json", config)
+        _write_json(folder / "special_tokens_map.json", specials)
+        return folder
+
+    @classmethod
+    def from_hf(cls, folder: str | Path) -> "ClipTokenizer":
+        """Load from a transformers/diffusers tokenizer folder whose vocabulary is CLIP's."""
+        folder = Path(folder)
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        vocab = _read_vocab(folder)
+        pad = config.get("pad_token", END)
+        pad = pad["content"] if isinstance(pad, dict) else pad  # older files store AddedToken dicts
+        if pad not in vocab:
+            raise ValueError(f"pad_token={pad!r} in {folder} is not in its vocab.json")
+        tokenizer = cls(max_length=int(config.get("model_max_length", 77)), pad_token_id=vocab[pad])
+        if vocab != tokenizer.hf_vocab():
+            raise ValueError(f"{folder / 'vocab.json'} is not the CLIP vocabulary ({default_bpe()})")
+        return tokenizer
+
+
+def _read_vocab(folder: Path) -> dict[str, int]:
+    """vocab.json (slow-tokenizer files), or the vocab inside tokenizer.json (transformers >= 5 saves only that)."""
+    if (folder / "vocab.json").is_file():
+        return json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    if (folder / "tokenizer.json").is_file():
+        return json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    raise ValueError(f"{folder}: no vocab.json or tokenizer.json; a CLIP tokenizer folder needs one of them")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
