@@ -6,6 +6,7 @@ Everything is computed in float64 and cast to the sample's dtype where it meets 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -62,6 +63,25 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     return 1 - alphas
 
 
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The noise schedule and what the network predicts, as saved with a model."""
+
+    beta_schedule: str = "scaled_linear"
+    num_train_timesteps: int = 1000
+    beta_start: float | None = None  # None: the schedule's own default (see make_betas)
+    beta_end: float | None = None
+    zero_terminal_snr: bool = False
+    prediction_type: str = "epsilon"
+    steps_offset: int = 1  # added to "leading" timesteps, as in Stable Diffusion's scheduler config
+
+    def __post_init__(self) -> None:
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check_int("num_train_timesteps", self.num_train_timesteps, 2)
+        object.__setattr__(self, "prediction_type", normalize_prediction_type(self.prediction_type))
+        check_int("steps_offset", self.steps_offset, 0, self.num_train_timesteps - 1)
+
+
 class NoiseSchedule:
     """A discrete variance-preserving schedule: β_t, ᾱ_t = ∏(1-β_s), and the forward process."""
 
@@ -86,6 +106,16 @@ class NoiseSchedule:
     ) -> NoiseSchedule:
         betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
         return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
+
+    @classmethod
+    def from_config(cls, config: ScheduleConfig) -> NoiseSchedule:
+        return cls.create(
+            config.beta_schedule,
+            config.num_train_timesteps,
+            config.beta_start,
+            config.beta_end,
+            config.zero_terminal_snr,
+        )
 
     @property
     def num_train_timesteps(self) -> int:

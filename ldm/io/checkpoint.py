@@ -1,0 +1,73 @@
+"""The in-memory form every checkpoint format is read into and written from.
+
+A :class:`Checkpoint` holds, per component, a state dict in the original Stable Diffusion key
+layout (prefixes stripped; the text encoder in transformers' or open_clip's own keys) and a
+plain config dict of that component's typed config. Our folder format is this, on disk:
+``model.yaml`` beside ``unet.safetensors``, ``vae.safetensors``, ``text_encoder.safetensors``
+and an optional ``ema.safetensors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ldm.config import ConfigError, load_yaml, save_yaml
+from ldm.io.files import CheckpointError, load_state_dict, save_state_dict
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+CONFIG_FILE = "model.yaml"
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """Weights and configs of one text-to-image model, in the canonical layout."""
+
+    config: dict[str, Any]  # {"unet": {...}, "vae": {...}, "text_encoder": {...}, "schedule": {...}, ...}
+    weights: dict[str, dict[str, Tensor]]  # component name -> state dict
+    ema: dict[str, Tensor] | None = None  # EMA weights of the U-Net, if kept apart
+
+
+def detect_format(path: str | Path) -> str:
+    """'folder' (ours), 'diffusers' or 'single_file', from what is at ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / CONFIG_FILE).is_file():
+            return "folder"
+        if (path / "model_index.json").is_file():
+            return "diffusers"
+        raise CheckpointError(
+            f"{path}: a folder with neither {CONFIG_FILE} (ldm-toolkit) nor model_index.json (diffusers); "
+            f"found: {', '.join(sorted(p.name for p in path.iterdir())[:8]) or 'nothing'}"
+        )
+    if path.is_file():
+        return "single_file"
+    raise CheckpointError(f"model path {str(path)!r} does not exist")
+
+
+def read_folder(path: str | Path) -> Checkpoint:
+    """Read our folder format."""
+    path = Path(path)
+    config = load_yaml(path / CONFIG_FILE)
+    missing = [name for name in COMPONENTS if name not in config]
+    if missing:
+        raise ConfigError(f"{path / CONFIG_FILE}: missing key {missing[0]!r}; required: {', '.join(COMPONENTS)}")
+    weights = {name: load_state_dict(path / f"{name}.safetensors") for name in COMPONENTS}
+    ema_file = path / "ema.safetensors"
+    return Checkpoint(config, weights, load_state_dict(ema_file) if ema_file.is_file() else None)
+
+
+def write_folder(checkpoint: Checkpoint, path: str | Path) -> None:
+    """Write our folder format; each file is written atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for name in COMPONENTS:
+        save_state_dict(checkpoint.weights[name], path / f"{name}.safetensors")
+    if checkpoint.ema is not None:
+        save_state_dict(checkpoint.ema, path / "ema.safetensors")
+    tmp = path / f".{CONFIG_FILE}.tmp"
+    save_yaml(checkpoint.config, tmp)
+    tmp.replace(path / CONFIG_FILE)

@@ -1,0 +1,93 @@
+"""Reading and writing weight files safely: safetensors by default, ``.ckpt`` only through
+``torch.load(weights_only=True)``, and every write atomic (temporary file, then rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used; the message names the file and what was found."""
+
+
+def load_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a pickle checkpoint loaded with weights_only=True.
+
+    A Lightning-style ``{"state_dict": {...}}`` wrapper is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        state = _load_safetensors(path)
+    elif path.suffix in PICKLE_SUFFIXES:
+        state = _load_pickle(path)
+    else:
+        raise CheckpointError(f"{path}: unknown weight file type {path.suffix!r}; allowed: .safetensors, {', '.join(PICKLE_SUFFIXES)}")
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors (found keys: {', '.join(list(state)[:5]) or 'none'})")
+    return tensors
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from None
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = [line for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        raise CheckpointError(
+            f"{path}: refused to unpickle: the file asks for more than plain tensors "
+            f"({found[0].strip() if found else 'an unsupported object'}); "
+            "only weights_only pickles or .safetensors files are loaded"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {err}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    return state
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_state_dict(state: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors as safetensors, atomically (contiguous CPU copies; shared storage is split)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

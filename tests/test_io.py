@@ -1,0 +1,199 @@
+"""Whole-model interop: diffusers folders in, diffusers folders and SD single files out, safely."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL as DiffusersVAE
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.conditioning.text import TextEncoder, TextEncoderConfig
+from ldm.conditioning.tokenizer import ClipTokenizer
+from ldm.diffusion.schedule import ScheduleConfig
+from ldm.io import CheckpointError, load_state_dict, read_checkpoint
+from ldm.modules.unet import UNet, UNetConfig
+from pipelines import Models, load_models
+
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+# What the weights cannot tell at these reduced widths (SD convention would be 8 heads, 32 groups).
+SMALL_OVERRIDES = {"unet": {"num_heads": 2, "norm_groups": 8}, "vae": {"norm_groups": 8}, "text_encoder": {"heads": 4}}
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            scale_param = p.ndim == 1 and name.endswith("weight")  # norm scales stay near 1
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1 + (1.0 if scale_param else 0.0))
+
+
+def diffusers_v1_pipeline(tmp: Path) -> StableDiffusionPipeline:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = DiffusersVAE(
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
+    for seed, module in enumerate((unet, vae, text)):
+        randomize(module, seed)
+    tokenizer = CLIPTokenizer.from_pretrained(ClipTokenizer().save_hf(tmp / "tok"))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SD15_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def inputs(context_dim: int):
+    generator = torch.Generator().manual_seed(5)
+    return (torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([10.0, 640.0]),
+            torch.randn(2, 77, context_dim, generator=generator), torch.randn(1, 3, 16, 16, generator=generator))
+
+
+@torch.no_grad()
+def assert_same_as_diffusers(ours: Models, pipe: StableDiffusionPipeline, prompts: list[str], tol: float = 1e-4) -> None:
+    ids = ours.tokenizer(prompts)
+    torch.testing.assert_close(ids, pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids)
+    torch.testing.assert_close(ours.text_encoder(ids), pipe.text_encoder(ids).last_hidden_state, rtol=0, atol=tol)
+    x, t, context, image = inputs(ours.unet.config.context_dim)
+    torch.testing.assert_close(ours.unet(x, t, context), pipe.unet(x, t, context).sample, rtol=0, atol=tol)
+    posterior, reference = ours.vae.encode(image), pipe.vae.encode(image).latent_dist
+    torch.testing.assert_close(posterior.mean, reference.mean, rtol=0, atol=tol)
+    torch.testing.assert_close(ours.vae.decode(x), pipe.vae.decode(x).sample, rtol=0, atol=tol)
+    assert ours.vae.config.scale_factor == pipe.vae.config.scaling_factor
+
+
+def test_diffusers_folder_loads_and_exports(tmp_path: Path) -> None:
+    pipe = diffusers_v1_pipeline(tmp_path)
+    pipe.save_pretrained(tmp_path / "sd")
+    ours = load_models(tmp_path / "sd")
+    assert ours.schedule == ScheduleConfig(beta_start=0.00085, beta_end=0.012)
+    assert_same_as_diffusers(ours, pipe, ["a red circle in the top left", ""])
+
+    ours.save(tmp_path / "exported", to="diffusers")
+    again = StableDiffusionPipeline.from_pretrained(tmp_path / "exported", local_files_only=True)
+    assert_same_as_diffusers(ours, again, ["a blue square, small!", "x" * 30])
+    assert again.scheduler.config.steps_offset == 1 and again.scheduler.config.beta_schedule == "scaled_linear"
+
+
+def test_our_folder_and_single_file_round_trip(tmp_path: Path) -> None:
+    pipe = diffusers_v1_pipeline(tmp_path)
+    pipe.save_pretrained(tmp_path / "sd")
+    ours = load_models(tmp_path / "sd")
+    ours.save(tmp_path / "folder")
+    ours.save(tmp_path / "model.safetensors", to="sd")
+    assert sorted(os.listdir(tmp_path / "folder")) == ["model.yaml", "text_encoder.safetensors", "unet.safetensors", "vae.safetensors"]
+    keys = load_state_dict(tmp_path / "model.safetensors")
+    assert any(k.startswith("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k") for k in keys)
+    assert any(k.startswith("cond_stage_model.transformer.text_model.encoder.layers.1") for k in keys)
+    for reloaded in (load_models(tmp_path / "folder"),
+                     load_models(tmp_path / "model.safetensors", overrides=SMALL_OVERRIDES)):
+        assert reloaded.unet.config == ours.unet.config and reloaded.text_encoder.config == ours.text_encoder.config
+        assert_same_as_diffusers(reloaded, pipe, ["a yellow triangle above a green square"])
+
+
+def small_v2_models() -> Models:
+    torch.manual_seed(3)
+    unet = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,), num_heads=None,
+                           head_dim=16, context_dim=64, use_linear_projection=True, norm_groups=8))
+    vae = AutoencoderKL(AutoencoderConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8))
+    text = TextEncoder(TextEncoderConfig(kind="openclip", width=64, layers=3, heads=4, act="gelu", layer="penultimate"))
+    for seed, module in enumerate((unet, vae, text)):
+        randomize(module, seed)
+    return Models(unet.eval(), vae.eval(), text.eval(), ClipTokenizer(pad_token_id=0),
+                  ScheduleConfig(beta_start=0.00085, beta_end=0.012, prediction_type="v"), 8)
+
+
+def test_sd_v2_layout_exports_to_diffusers_and_single_file(tmp_path: Path) -> None:
+    ours = small_v2_models()
+    ours.save(tmp_path / "v2", to="diffusers")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "v2", local_files_only=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.text_encoder.config.num_hidden_layers == 2  # the penultimate layer is the last one kept
+    assert_same_as_diffusers(ours, pipe, ["a purple circle on a gray background"])
+
+    ours.save(tmp_path / "v2.safetensors", to="sd")
+    keys = load_state_dict(tmp_path / "v2.safetensors")
+    assert "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight" in keys
+    overrides = {"unet": {"head_dim": 16, "num_heads": None, "norm_groups": 8}, "vae": {"norm_groups": 8}, "text_encoder": {"heads": 4}}
+    reloaded = load_models(tmp_path / "v2.safetensors", prediction_type="v", overrides=overrides)
+    assert reloaded.unet.config == ours.unet.config and reloaded.text_encoder.config == ours.text_encoder.config
+    assert reloaded.tokenizer.pad_token_id == 0 and reloaded.schedule.prediction_type == "v"
+    assert_same_as_diffusers(reloaded, pipe, ["a purple circle on a gray background"])
+
+
+def test_ema_weights_of_a_full_checkpoint_are_used(tmp_path: Path) -> None:
+    ours = small_v2_models()
+    ours.save(tmp_path / "plain.safetensors", to="sd")
+    state = load_state_dict(tmp_path / "plain.safetensors")
+    ema = {"model_ema." + k[len("model."):].replace(".", ""): v + 1.0 for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    torch.save({"state_dict": {**state, **ema, "model_ema.decay": torch.tensor(0.9999)}}, tmp_path / "full.ckpt")
+    with_ema = read_checkpoint(tmp_path / "full.ckpt", prediction_type="v")
+    without = read_checkpoint(tmp_path / "full.ckpt", prediction_type="v", use_ema=False)
+    key = "input_blocks.0.0.weight"
+    torch.testing.assert_close(with_ema.weights["unet"][key], ours.unet.state_dict()[key] + 1.0)
+    torch.testing.assert_close(without.weights["unet"][key], ours.unet.state_dict()[key])
+
+
+class _MakesMarker:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "MARKER"
+    torch.save({"state_dict": {"model.diffusion_model.x": _MakesMarker(marker)}}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: refused to unpickle.*posix\.system"):
+        load_models(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+
+
+def test_corrupt_and_unknown_files_name_the_file(tmp_path: Path) -> None:
+    ours = small_v2_models()
+    ours.save(tmp_path / "good.safetensors", to="sd")
+    data = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: not a readable safetensors file"):
+        load_models(tmp_path / "cut.safetensors")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=r"garbage\.safetensors"):
+        load_models(tmp_path / "garbage.safetensors")
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match=r"other\.ckpt: not a Stable Diffusion checkpoint.*found top-level names: encoder"):
+        load_models(tmp_path / "other.ckpt")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty_dir: a folder with neither model\.yaml"):
+        load_models(tmp_path / "empty_dir")
+    with pytest.raises(CheckpointError, match=r"missing\.safetensors' does not exist"):
+        load_models(tmp_path / "missing.safetensors")
+    with pytest.raises(CheckpointError, match=r"notes\.txt: unknown weight file type '\.txt'"):
+        (tmp_path / "notes.txt").write_text("hi")
+        load_models(tmp_path / "notes.txt")
+
+
+def test_weights_that_do_not_fit_the_config_are_reported(tmp_path: Path) -> None:
+    ours = small_v2_models()
+    ours.save(tmp_path / "folder")
+    import yaml
+
+    config = yaml.safe_load((tmp_path / "folder" / "model.yaml").read_text())
+    config["unet"]["model_channels"] = 64
+    (tmp_path / "folder" / "model.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(CheckpointError, match=r"folder \(unet\): time_embed\.0\.weight has shape \(128, 32\); the config expects \(256, 64\)"):
+        load_models(tmp_path / "folder")
+    config["unet"]["model_chanels"] = 64
+    (tmp_path / "folder" / "model.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"unknown key 'unet.model_chanels'"):
+        load_models(tmp_path / "folder")
