@@ -14,7 +14,7 @@ from diffusers import (
 )
 
 from ldm.diffusion import NoiseSchedule, make_timesteps, sample
-from ldm.diffusion.samplers import DEFAULT_SPACING
+from ldm.diffusion.samplers import DEFAULT_SPACING, GRID
 
 SD15 = {
     "beta_start": 0.00085,
@@ -41,8 +41,9 @@ def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return 0.8 * torch.tanh(0.6 * x + torch.sin(t / 97.0)) + 0.15 * x.roll(1, dims=-1) - 0.05 * torch.cos(t / 300.0)
 
 
-def run_diffusers(name: str, steps: int, noise: torch.Tensor, prediction: str, seed: int) -> torch.Tensor:
-    scheduler = SCHEDULERS[name].from_config({**SD15, "prediction_type": PREDICTION[prediction]})
+def run_diffusers(name: str, steps: int, noise: torch.Tensor, prediction: str, seed: int, spacing: str | None = None) -> torch.Tensor:
+    spacing_cfg = {"timestep_spacing": spacing} if spacing else {}
+    scheduler = SCHEDULERS[name].from_config({**SD15, "prediction_type": PREDICTION[prediction], **spacing_cfg})
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     x = noise * scheduler.init_noise_sigma
@@ -52,10 +53,11 @@ def run_diffusers(name: str, steps: int, noise: torch.Tensor, prediction: str, s
     return x
 
 
-def run_ours(name: str, steps: int, noise: torch.Tensor, prediction: str, seed: int) -> torch.Tensor:
+def run_ours(name: str, steps: int, noise: torch.Tensor, prediction: str, seed: int, spacing: str | None = None) -> torch.Tensor:
     schedule = NoiseSchedule.create("scaled_linear", 1000, 0.00085, 0.012)
     generator = torch.Generator().manual_seed(seed)
-    return sample(name, model_fn, noise, schedule, steps, prediction_type=prediction, steps_offset=1, generator=generator)
+    return sample(name, model_fn, noise, schedule, steps, prediction_type=prediction, steps_offset=1,
+                  timestep_spacing=spacing, generator=generator)
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -73,12 +75,32 @@ def test_final_sample_matches_diffusers(name: str, steps: int, prediction: str) 
     assert relative_error(ours, reference) <= 1e-5
 
 
+# diffusers' DDIM steps from t to t - ⌊T/N⌋ whatever the spacing, so on a linspace grid it leaves
+# the grid; ours steps to the next grid timestep (the same thing on leading and trailing grids).
+SPACING_CASES = [(n, s) for n in SCHEDULERS for s in ("leading", "linspace", "trailing") if (n, s) != ("ddim", "linspace")]
+
+
+@pytest.mark.parametrize(("name", "spacing"), SPACING_CASES)
+def test_every_spacing_matches_diffusers(name: str, spacing: str) -> None:
+    """A diffusers scheduler config imposes one spacing on every scheduler made from it."""
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    for prediction in ("epsilon", "v"):
+        reference = run_diffusers(name, 20, noise, prediction, seed=5, spacing=spacing)
+        assert relative_error(run_ours(name, 20, noise, prediction, seed=5, spacing=spacing), reference) <= 1e-5
+
+
+@pytest.mark.parametrize("spacing", [None, "leading", "linspace", "trailing"])
 @pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "euler", "ddpm", "euler_a"])
 @pytest.mark.parametrize("steps", [1, 10, 25, 50, 999])
-def test_default_timesteps_match_diffusers(name: str, steps: int) -> None:
-    scheduler = SCHEDULERS[name].from_config(SD15)
+def test_timesteps_match_diffusers(name: str, steps: int, spacing: str | None) -> None:
+    scheduler = SCHEDULERS[name].from_config({**SD15, **({"timestep_spacing": spacing} if spacing else {})})
     scheduler.set_timesteps(steps)
-    ours = make_timesteps(steps, 1000, DEFAULT_SPACING[name], steps_offset=1)
+    spacing = spacing or DEFAULT_SPACING[name]
+    if scheduler.timesteps.max() > 999:  # diffusers' DPM-Solver "leading" grid at 999 steps reaches t=1000
+        with pytest.raises(ValueError, match="steps_offset=1 with num_steps=999 passes the last timestep 999"):
+            make_timesteps(steps, 1000, spacing, steps_offset=1, **GRID.get(name, {}))
+        return
+    ours = make_timesteps(steps, 1000, spacing, steps_offset=1, **GRID.get(name, {}))
     torch.testing.assert_close(ours, scheduler.timesteps.float(), rtol=0, atol=0)
 
 
@@ -89,3 +111,11 @@ def test_stochastic_samplers_use_the_noise() -> None:
         a = run_ours(name, 10, noise, "epsilon", seed=1)
         b = run_ours(name, 10, noise, "epsilon", seed=2)
         assert (a - b).abs().max() > 1e-2
+
+
+def test_ddim_on_a_linspace_grid_visits_the_grid() -> None:
+    schedule = NoiseSchedule.create("scaled_linear", 1000, 0.00085, 0.012)
+    seen: list[float] = []
+    sample("ddim", model_fn, torch.zeros(1, 4, 8, 8), schedule, 7, timestep_spacing="linspace",
+           callback=lambda i, t, x, x0: seen.append(float(t)))
+    assert seen == make_timesteps(7, 1000, "linspace").tolist() == [999.0, 832.0, 666.0, 500.0, 333.0, 166.0, 0.0]

@@ -107,7 +107,9 @@ def sample_ddim(
         pred = _net(model, x, t)
         x0 = predict_x0(pred, x, ab, prediction_type)
         eps = predict_eps(pred, x, ab, prediction_type)
-        std = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+        # clamp: on a last step to t=0, ab (through σ) and ab_prev = ᾱ_0 can differ by rounding with
+        # ab > ab_prev, and the root of the tiny negative variance would be NaN even at η=0
+        std = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
         x = ab_prev.sqrt().item() * x0 + (1 - ab_prev - std**2).sqrt().item() * eps
         if eta > 0:
             x = x + std.item() * randn_like(x, generator)
@@ -233,10 +235,14 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler": sample_euler,
     "euler_a": sample_euler_ancestral,
 }
-# Each sampler's default spacing, as in the matching diffusers scheduler.
-DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp_2m": "uniform", "euler": "linspace", "euler_a": "linspace"}
-# Samplers that, like k-diffusion, start pure noise at x = σ_max ε in the VE form.
-_SIGMA_MAX_START = ("euler", "euler_a")
+# Each sampler's default spacing and timestep grid, as in the matching diffusers scheduler:
+# the Euler samplers take fractional timesteps, DPM-Solver lays out N+1 points and drops t≈0.
+DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "euler_a": "linspace"}
+GRID = {"euler": {"continuous": True}, "euler_a": {"continuous": True}, "dpmpp_2m": {"exclude_final": True}}
+# Spacings whose first step is the last training step; there the Euler samplers start pure noise
+# at x = σ_max ε in the VE form, as k-diffusion and diffusers do (elsewhere at the exact √(σ²+1) ε).
+_SIGMA_MAX_SPACINGS = ("linspace", "trailing")
+_VE_SAMPLERS = ("euler", "euler_a")
 
 
 def initial_state(
@@ -245,19 +251,22 @@ def initial_state(
     schedule: NoiseSchedule,
     t_start: float,
     x0: Tensor | None = None,
+    spacing: str | None = None,
 ) -> Tensor:
     """The VP state at ``t_start`` that ``sampler`` starts from.
 
     With ``x0`` (image-to-image): the forward process q(x_t | x_0) with this ``noise``.
-    Without: pure noise — unit variance for the VP samplers (DDPM, DDIM, DPM-Solver), and
-    σ_max ε in the VE form, i.e. √(1-ᾱ) ε here, for the Euler samplers.
+    Without: pure noise — unit variance, except for the Euler samplers on a spacing that starts
+    at the last training step (default for them), which start at σ_max ε in the VE form, i.e.
+    √(1-ᾱ) ε here, as diffusers' Euler schedulers do.
     """
     check_choice("sampler", sampler, SAMPLERS)
+    spacing = spacing or DEFAULT_SPACING[sampler]
     t = torch.full((noise.shape[0],), float(t_start), dtype=torch.float64)
     if x0 is not None:
         check_same_shape("x0", x0.shape, noise.shape)
         return schedule.q_sample(x0, t, noise)
-    if sampler in _SIGMA_MAX_START:
+    if sampler in _VE_SAMPLERS and spacing in _SIGMA_MAX_SPACINGS:
         return noise * broadcast((1 - schedule.alpha_bar_at(t)).sqrt(), noise)
     return noise
 
@@ -285,12 +294,12 @@ def sample(
     """
     check_choice("sampler", sampler, SAMPLERS)
     spacing = timestep_spacing or DEFAULT_SPACING[sampler]
-    timesteps = make_timesteps(num_steps, schedule.num_train_timesteps, spacing, steps_offset)
+    timesteps = make_timesteps(num_steps, schedule.num_train_timesteps, spacing, steps_offset, **GRID.get(sampler, {}))
     if x0 is not None:
         timesteps = strength_timesteps(timesteps, strength)
     elif strength != 1.0:
         raise ValueError(f"strength={strength!r} needs an x0 to start from; allowed without x0: 1.0")
-    x = initial_state(sampler, noise, schedule, timesteps[0].item(), x0)
+    x = initial_state(sampler, noise, schedule, timesteps[0].item(), x0, spacing)
     return SAMPLERS[sampler](
         model,
         x,

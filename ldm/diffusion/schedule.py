@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ldm.diffusion.timesteps import SPACINGS
 from ldm.validation import check_choice, check_int
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
@@ -74,12 +75,17 @@ class ScheduleConfig:
     zero_terminal_snr: bool = False
     prediction_type: str = "epsilon"
     steps_offset: int = 1  # added to "leading" timesteps, as in Stable Diffusion's scheduler config
+    # One spacing for every sampler (as a diffusers scheduler config imposes); None: each
+    # sampler's own default (see ldm.diffusion.samplers.DEFAULT_SPACING).
+    timestep_spacing: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_int("num_train_timesteps", self.num_train_timesteps, 2)
         object.__setattr__(self, "prediction_type", normalize_prediction_type(self.prediction_type))
         check_int("steps_offset", self.steps_offset, 0, self.num_train_timesteps - 1)
+        if self.timestep_spacing is not None:
+            check_choice("timestep_spacing", self.timestep_spacing, SPACINGS)
 
 
 class NoiseSchedule:

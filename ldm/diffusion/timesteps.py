@@ -14,9 +14,8 @@ from torch import Tensor
 from ldm.validation import check_choice, check_float, check_int
 
 # leading:  t = k·⌊T/N⌋ + offset (SD's DDIM/PNDM default);  trailing: t = round(T - k·T/N) - 1;
-# linspace: N evenly spaced, possibly fractional t in [0, T-1] (Euler's default);
-# uniform:  N+1 evenly spaced integer t in [0, T-1], the last (t=0) dropped (DPM-Solver's default).
-SPACINGS = ("leading", "linspace", "trailing", "uniform")
+# linspace: N evenly spaced t in [0, T-1] (Euler's and DPM-Solver's default).
+SPACINGS = ("leading", "linspace", "trailing")
 
 
 def make_timesteps(
@@ -24,23 +23,32 @@ def make_timesteps(
     num_train_timesteps: int = 1000,
     spacing: str = "leading",
     steps_offset: int = 0,
+    *,
+    continuous: bool = False,
+    exclude_final: bool = False,
 ) -> Tensor:
-    """Descending timesteps (float32, shape (num_steps,)) for a sampler of ``num_steps`` steps."""
+    """Descending timesteps (float32, shape (num_steps,)) for a sampler of ``num_steps`` steps.
+
+    ``continuous`` keeps fractional linspace timesteps (the Euler samplers interpolate σ between
+    training steps); otherwise they are rounded. ``exclude_final`` lays out N+1 points of the
+    leading/linspace grid and drops the smallest, for solvers whose last step goes to σ = 0
+    without evaluating the network there (DPM-Solver, as diffusers lays it out).
+    """
     check_int("num_train_timesteps", num_train_timesteps, 2)
     check_int("num_steps", num_steps, 1, num_train_timesteps)
     check_choice("timestep_spacing", spacing, SPACINGS)
     check_int("steps_offset", steps_offset, 0, num_train_timesteps - 1)
     n, T = num_steps, num_train_timesteps
+    points = n + 1 if exclude_final else n
     if spacing == "leading":
-        steps = (np.arange(n) * (T // n)).round()[::-1] + steps_offset
+        steps = (np.arange(points) * (T // points)).round()[::-1][:n] + steps_offset
         if steps[0] > T - 1:
             raise ValueError(f"steps_offset={steps_offset} with num_steps={n} passes the last timestep {T - 1}")
     elif spacing == "trailing":
         steps = np.round(np.arange(T, 0, -T / n)) - 1
-    elif spacing == "linspace":
-        steps = np.linspace(0, T - 1, n)[::-1]
     else:
-        steps = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+        steps = np.linspace(0, T - 1, points)[::-1][:n]
+        steps = steps if continuous else steps.round()
     return torch.from_numpy(steps.astype(np.float32).copy())
 
 

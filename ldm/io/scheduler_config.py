@@ -26,6 +26,7 @@ def schedule_from_diffusers(cfg: dict[str, Any], source: str = "scheduler_config
         zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
         prediction_type=cfg.get("prediction_type", "epsilon"),
         steps_offset=int(cfg.get("steps_offset", 0)),
+        timestep_spacing=cfg.get("timestep_spacing"),
     )
 
 
@@ -40,8 +41,9 @@ def schedule_to_diffusers(config: ScheduleConfig) -> dict[str, Any]:
         "rescale_betas_zero_snr": config.zero_terminal_snr,
         "set_alpha_to_one": False,
         "clip_sample": False,
-        "timestep_spacing": "leading",
     }
+    if config.timestep_spacing is not None:
+        cfg["timestep_spacing"] = config.timestep_spacing
     if config.beta_start is not None:
         cfg["beta_start"] = config.beta_start
     if config.beta_end is not None:
