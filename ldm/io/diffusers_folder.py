@@ -18,8 +18,18 @@ from ldm.io.checkpoint import Checkpoint
 from ldm.io.files import CheckpointError, load_state_dict, save_state_dict
 from ldm.io.scheduler_config import schedule_from_diffusers, schedule_to_diffusers
 from ldm.io.text_keys import HF, openclip_to_hf, text_config_from_hf, text_config_to_hf
-from ldm.io.unet_keys import unet_config_from_diffusers, unet_config_to_diffusers, unet_diffusers_to_original, unet_original_to_diffusers
-from ldm.io.vae_keys import vae_config_from_diffusers, vae_config_to_diffusers, vae_diffusers_to_original, vae_original_to_diffusers
+from ldm.io.unet_keys import (
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+    unet_diffusers_to_original,
+    unet_original_to_diffusers,
+)
+from ldm.io.vae_keys import (
+    vae_config_from_diffusers,
+    vae_config_to_diffusers,
+    vae_diffusers_to_original,
+    vae_original_to_diffusers,
+)
 from ldm.modules.unet import UNetConfig
 
 _WEIGHT_NAMES = {
