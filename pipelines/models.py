@@ -1,4 +1,4 @@
-"""The networks of one text-to-image model, built from any checkpoint format and saved back."""
+"""The networks of one model, built from any checkpoint format and saved back."""
 
 from __future__ import annotations
 
@@ -15,54 +15,82 @@ from ldm.conditioning.tokenizer import ClipTokenizer
 from ldm.config import ConfigError, config_from_dict, config_to_dict
 from ldm.diffusion.schedule import ScheduleConfig
 from ldm.io import Checkpoint, CheckpointError, export_checkpoint, read_checkpoint
+from ldm.modules.classifier import ClassifierConfig, NoiseAwareClassifier
 from ldm.modules.unet import UNet, UNetConfig
+from ldm.validation import check_choice
 
 logger = logging.getLogger(__name__)
+CONCAT_KINDS = ("image", "semantic")
 
 
 @dataclasses.dataclass
 class Models:
-    """U-Net, autoencoder, text encoder, tokenizer and schedule of one model, in eval mode."""
+    """U-Net, autoencoder and schedule of one model, with what conditions it: a text encoder and
+    tokenizer, a concat condition ({"kind": "image"} or {"kind": "semantic", "num_classes": K}),
+    and a noise-aware classifier on its latents. Modules are in eval mode."""
 
     unet: UNet
     vae: AutoencoderKL
-    text_encoder: TextEncoder
-    tokenizer: ClipTokenizer
     schedule: ScheduleConfig
     sample_size: int  # default latent side
+    text_encoder: TextEncoder | None = None
+    tokenizer: ClipTokenizer | None = None
+    concat: dict[str, Any] | None = None
+    classifier: NoiseAwareClassifier | None = None
+
+    def __post_init__(self) -> None:
+        if self.concat is not None:
+            check_choice("concat.kind", self.concat.get("kind"), CONCAT_KINDS)
+        if (self.text_encoder is None) != (self.tokenizer is None):
+            raise ValueError("text_encoder and tokenizer come together; got only one of them")
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, source: str = "checkpoint", use_ema: bool = True) -> Models:
-        config = checkpoint.config
-        try:
-            unet = UNet(config_from_dict(UNetConfig, config["unet"], source, "unet."))
-            vae = AutoencoderKL(config_from_dict(AutoencoderConfig, config["vae"], source, "vae."))
-            text = TextEncoder(config_from_dict(TextEncoderConfig, config["text_encoder"], source, "text_encoder."))
-            schedule = config_from_dict(ScheduleConfig, config.get("schedule", {}), source, "schedule.")
-        except KeyError as err:
-            raise ConfigError(f"{source}: missing key {err.args[0]!r}") from None
-        unet_weights = checkpoint.ema if (use_ema and checkpoint.ema is not None) else checkpoint.weights["unet"]
-        for name, module, weights in (("unet", unet, unet_weights), ("vae", vae, checkpoint.weights["vae"]),
-                                      ("text_encoder", text, checkpoint.weights["text_encoder"])):
-            _load_strict(module, weights, f"{source} ({name})")
-        tokenizer = ClipTokenizer(**config.get("tokenizer", {}))
-        return cls(unet.eval(), vae.eval(), text.eval(), tokenizer, schedule, int(config.get("sample_size", 64)))
+        config, weights = checkpoint.config, dict(checkpoint.weights)
+        if use_ema and checkpoint.ema is not None:
+            weights["unet"] = checkpoint.ema
+        modules = {name: _build(name, config, source) for name in weights}
+        for name, module in modules.items():
+            _load_strict(module, weights[name], f"{source} ({name})")
+        tokenizer = ClipTokenizer(**config.get("tokenizer", {})) if "text_encoder" in modules else None
+        return cls(
+            unet=modules["unet"].eval(), vae=modules["vae"].eval(),
+            schedule=config_from_dict(ScheduleConfig, config.get("schedule", {}), source, "schedule."),
+            sample_size=int(config.get("sample_size", 64)),
+            text_encoder=modules["text_encoder"].eval() if "text_encoder" in modules else None, tokenizer=tokenizer,
+            concat=config.get("concat"),
+            classifier=modules["classifier"].eval() if "classifier" in modules else None,
+        )
 
     def to_checkpoint(self) -> Checkpoint:
-        config = {
-            "unet": config_to_dict(self.unet.config),
-            "vae": config_to_dict(self.vae.config),
-            "text_encoder": config_to_dict(self.text_encoder.config),
-            "schedule": config_to_dict(self.schedule),
-            "tokenizer": {"max_length": self.tokenizer.max_length, "pad_token_id": self.tokenizer.pad_token_id},
-            "sample_size": self.sample_size,
-        }
-        weights = {"unet": self.unet.state_dict(), "vae": self.vae.state_dict(), "text_encoder": self.text_encoder.state_dict()}
-        return Checkpoint(config, weights)
+        modules = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "classifier": self.classifier}
+        modules = {name: module for name, module in modules.items() if module is not None}
+        config: dict[str, Any] = {name: config_to_dict(module.config) for name, module in modules.items()}
+        config.update(schedule=config_to_dict(self.schedule), sample_size=self.sample_size)
+        if self.tokenizer is not None:
+            config["tokenizer"] = {"max_length": self.tokenizer.max_length, "pad_token_id": self.tokenizer.pad_token_id}
+        if self.concat is not None:
+            config["concat"] = dict(self.concat)
+        return Checkpoint(config, {name: module.state_dict() for name, module in modules.items()})
 
     def save(self, path: str | Path, to: str = "folder") -> None:
         """Save as our folder (default), a diffusers folder ("diffusers") or an SD single file ("sd")."""
         export_checkpoint(self.to_checkpoint(), path, to)
+
+
+_BUILDERS = {
+    "unet": (UNet, UNetConfig),
+    "vae": (AutoencoderKL, AutoencoderConfig),
+    "text_encoder": (TextEncoder, TextEncoderConfig),
+    "classifier": (NoiseAwareClassifier, ClassifierConfig),
+}
+
+
+def _build(name: str, config: dict[str, Any], source: str) -> nn.Module:
+    if name not in config:
+        raise ConfigError(f"{source}: missing key {name!r} (weights for it are present)")
+    module_cls, config_cls = _BUILDERS[name]
+    return module_cls(config_from_dict(config_cls, config[name], source, f"{name}."))
 
 
 def load_models(source: str | Path, **options: Any) -> Models:

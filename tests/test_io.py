@@ -78,8 +78,8 @@ def small_v2_models() -> Models:
     text = TextEncoder(TextEncoderConfig(kind="openclip", width=64, layers=3, heads=4, act="gelu", layer="penultimate"))
     for seed, module in enumerate((unet, vae, text)):
         randomize(module, seed)
-    return Models(unet.eval(), vae.eval(), text.eval(), ClipTokenizer(pad_token_id=0),
-                  ScheduleConfig(beta_start=0.00085, beta_end=0.012, prediction_type="v"), 8)
+    return Models(unet.eval(), vae.eval(), ScheduleConfig(beta_start=0.00085, beta_end=0.012, prediction_type="v"), 8,
+                  text_encoder=text.eval(), tokenizer=ClipTokenizer(pad_token_id=0))
 
 
 def test_sd_v2_layout_exports_to_diffusers_and_single_file(tmp_path: Path) -> None:

@@ -40,6 +40,11 @@ def read_checkpoint(path: str | Path, **options: Any) -> Checkpoint:
 
 def export_checkpoint(checkpoint: Checkpoint, path: str | Path, to: str) -> None:
     """Write ``checkpoint`` as ``to`` = "folder" (ours), "diffusers" or "sd" (original single file)."""
+    if to in ("diffusers", "sd") and set(checkpoint.weights) != {"unet", "vae", "text_encoder"}:
+        raise ValueError(
+            f"to={to!r} needs a text-to-image model (U-Net, VAE, text encoder); this one has "
+            f"{', '.join(sorted(checkpoint.weights))}{' and concat conditioning' if 'concat' in checkpoint.config else ''}"
+        )
     if to == "folder":
         write_folder(checkpoint, path)
     elif to == "diffusers":

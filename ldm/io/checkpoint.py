@@ -18,7 +18,8 @@ from torch import Tensor
 from ldm.config import ConfigError, load_yaml, save_yaml
 from ldm.io.files import CheckpointError, load_state_dict, save_state_dict
 
-COMPONENTS = ("unet", "vae", "text_encoder")
+REQUIRED = ("unet", "vae")
+COMPONENTS = ("unet", "vae", "text_encoder", "classifier")  # the last two are optional
 CONFIG_FILE = "model.yaml"
 
 
@@ -26,7 +27,9 @@ CONFIG_FILE = "model.yaml"
 class Checkpoint:
     """Weights and configs of one text-to-image model, in the canonical layout."""
 
-    config: dict[str, Any]  # {"unet": {...}, "vae": {...}, "text_encoder": {...}, "schedule": {...}, ...}
+    # {"unet": {...}, "vae": {...}, "schedule": {...}, optional "text_encoder", "tokenizer",
+    #  "classifier", "concat": {"kind": "image" | "semantic", "num_classes": K}, "sample_size"}
+    config: dict[str, Any]
     weights: dict[str, dict[str, Tensor]]  # component name -> state dict
     ema: dict[str, Tensor] | None = None  # EMA weights of the U-Net, if kept apart
 
@@ -52,10 +55,10 @@ def read_folder(path: str | Path) -> Checkpoint:
     """Read our folder format."""
     path = Path(path)
     config = load_yaml(path / CONFIG_FILE)
-    missing = [name for name in COMPONENTS if name not in config]
+    missing = [name for name in REQUIRED if name not in config]
     if missing:
-        raise ConfigError(f"{path / CONFIG_FILE}: missing key {missing[0]!r}; required: {', '.join(COMPONENTS)}")
-    weights = {name: load_state_dict(path / f"{name}.safetensors") for name in COMPONENTS}
+        raise ConfigError(f"{path / CONFIG_FILE}: missing key {missing[0]!r}; required: {', '.join(REQUIRED)}")
+    weights = {name: load_state_dict(path / f"{name}.safetensors") for name in COMPONENTS if name in config}
     ema_file = path / "ema.safetensors"
     return Checkpoint(config, weights, load_state_dict(ema_file) if ema_file.is_file() else None)
 
@@ -64,8 +67,8 @@ def write_folder(checkpoint: Checkpoint, path: str | Path) -> None:
     """Write our folder format; each file is written atomically."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    for name in COMPONENTS:
-        save_state_dict(checkpoint.weights[name], path / f"{name}.safetensors")
+    for name, state in checkpoint.weights.items():
+        save_state_dict(state, path / f"{name}.safetensors")
     if checkpoint.ema is not None:
         save_state_dict(checkpoint.ema, path / "ema.safetensors")
     tmp = path / f".{CONFIG_FILE}.tmp"

@@ -1,0 +1,56 @@
+"""Text-to-image: prompts → CLIP context → guided sampling in latent space → VAE decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ldm.diffusion.samplers import Callback
+from pipelines.base import Pipeline, PipelineOutput
+
+
+def as_prompt_list(prompt: str | list[str] | None, name: str = "prompt") -> list[str]:
+    """One prompt or a list of them; None is the empty (unconditional) prompt."""
+    prompts = [prompt or ""] if prompt is None or isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name}={prompt!r} is not allowed; allowed: a string or a non-empty list of strings")
+    return prompts
+
+
+class TextToImagePipeline(Pipeline):
+    """``pipe(prompt, ...)`` → ``PipelineOutput(images)``; see ``__call__``."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        sampler: str = "dpmpp_2m",
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = 0,
+        latents: Tensor | None = None,
+        output_type: str = "pil",
+        eta: float = 0.0,
+        guidance_rescale: float = 0.0,
+        tile: int | None = None,
+        progress: bool = True,
+        callback: Callback | None = None,
+    ) -> PipelineOutput:
+        """Generate ``num_images_per_prompt`` images per prompt.
+
+        ``negative_prompt`` (one, or one per prompt) replaces the empty prompt as the
+        unconditional branch of classifier-free guidance. ``seed`` draws the initial noise on a
+        CPU generator (row i·n + j is prompt i, copy j); ``latents`` (unit variance) replace it.
+        ``tile`` (in latent pixels) decodes in overlapping tiles, for sizes beyond memory.
+        """
+        return self.generate(
+            as_prompt_list(prompt), as_prompt_list(negative_prompt, "negative_prompt"),
+            num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, sampler=sampler, height=height, width=width, seed=seed, latents=latents,
+            output_type=output_type, eta=eta, guidance_rescale=guidance_rescale, tile=tile, progress=progress,
+            callback=callback,
+        )

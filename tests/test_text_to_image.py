@@ -1,0 +1,107 @@
+"""TextToImagePipeline against diffusers' StableDiffusionPipeline on the same random weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+from sd_fixtures import diffusers_v1_pipeline
+
+from pipelines import TextToImagePipeline
+
+DIFFUSERS_SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+PROMPT, NEGATIVE = "a large red circle in the top left on a white background", "a blue square"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("sd")
+    diffusers_v1_pipeline(tmp).save_pretrained(tmp / "sd")
+    return tmp / "sd"
+
+
+@pytest.fixture(scope="module")
+def ours(folder: Path) -> TextToImagePipeline:
+    return TextToImagePipeline.from_pretrained(folder)
+
+
+def diffusers_images(pipe: StableDiffusionPipeline, sampler: str, latents: torch.Tensor) -> np.ndarray:
+    pipe.scheduler = DIFFUSERS_SCHEDULERS[sampler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=20, guidance_scale=7.5, latents=latents.clone(),
+                height=16, width=16, output_type="np").images
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "euler"])
+def test_images_equal_diffusers(folder: Path, ours: TextToImagePipeline, sampler: str, tmp_path: Path) -> None:
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    reference = diffusers_images(StableDiffusionPipeline.from_pretrained(folder, local_files_only=True), sampler, latents)
+    kwargs = dict(negative_prompt=NEGATIVE, num_inference_steps=20, guidance_scale=7.5, sampler=sampler,
+                  latents=latents, output_type="np", progress=False)
+    images = ours(PROMPT, **kwargs).images
+    assert images.shape == reference.shape == (1, 16, 16, 3)
+    assert np.abs(images - reference).max() <= 1e-3
+    assert reference.std() > 0.01  # a real image, not a constant
+
+    ours.models.save(tmp_path / "exported", to="diffusers")
+    again = diffusers_images(StableDiffusionPipeline.from_pretrained(tmp_path / "exported", local_files_only=True),
+                             sampler, latents)
+    assert np.abs(again - images).max() <= 1e-3
+
+
+def test_seed_reproduces_and_maps_to_rows(ours: TextToImagePipeline) -> None:
+    call = dict(num_inference_steps=4, output_type="pt", progress=False, seed=42)
+    a = ours(["a red circle", "a green square"], num_images_per_prompt=2, **call).images
+    b = ours(["a red circle", "a green square"], num_images_per_prompt=2, **call).images
+    assert torch.equal(a, b)
+    # documented mapping: one CPU generator draws the (P·n, C, h, w) noise; row i·n + j is prompt i, copy j
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(42))
+    single = ours("a green square", latents=noise[3:4], **{k: v for k, v in call.items() if k != "seed"}).images
+    torch.testing.assert_close(single[0], a[3], rtol=0, atol=1e-5)
+    assert not torch.equal(a[2], a[3])
+
+
+def test_seed_reproduces_across_processes(folder: Path, ours: TextToImagePipeline) -> None:
+    script = (
+        "import sys, torch; from pipelines import TextToImagePipeline;"
+        f"p = TextToImagePipeline.from_pretrained({str(folder)!r});"
+        "x = p('a red circle', num_inference_steps=4, seed=7, output_type='pt', progress=False).images;"
+        "sys.stdout.write(repr(x.flatten()[:16].tolist()))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    here = ours("a red circle", num_inference_steps=4, seed=7, output_type="pt", progress=False).images
+    assert eval(out) == here.flatten()[:16].tolist()
+
+
+@pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
+def test_output_types(ours: TextToImagePipeline, output_type: str) -> None:
+    images = ours("a red circle", num_inference_steps=2, output_type=output_type, progress=False).images
+    if output_type == "pil":
+        assert images[0].size == (16, 16) and images[0].mode == "RGB"
+    elif output_type == "np":
+        assert images.shape == (1, 16, 16, 3) and images.min() >= 0 and images.max() <= 1
+    elif output_type == "pt":
+        assert images.shape == (1, 3, 16, 16)
+    else:
+        assert images.shape == (1, 4, 8, 8)
+
+
+def test_long_and_empty_prompts(ours: TextToImagePipeline, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        ours("a red circle " * 40, num_inference_steps=2, progress=False)
+    assert "dropped" in caplog.text
+    ours("", num_inference_steps=2, progress=False)
+
+
+def test_guidance_scale_one_is_the_conditional_model(ours: TextToImagePipeline) -> None:
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    call = dict(num_inference_steps=3, latents=latents, output_type="latent", progress=False, sampler="ddim")
+    plain = ours("a red circle", guidance_scale=1.0, **call).images
+    rescaled = ours("a red circle", guidance_scale=1.0, guidance_rescale=0.0, negative_prompt="zzz", **call).images
+    torch.testing.assert_close(plain, rescaled)
+    assert (ours("a red circle", guidance_scale=3.0, **call).images - plain).abs().max() > 1e-4
