@@ -1,7 +1,20 @@
 """Pipelines users call with prompts; they assemble ldm's networks and the autoencoder."""
 
 from pipelines.base import PipelineOutput
+from pipelines.classifier_guided import ClassifierGuidedPipeline
+from pipelines.image_to_image import ImageToImagePipeline
 from pipelines.models import Models, load_models
+from pipelines.semantic_to_image import SemanticToImagePipeline
+from pipelines.super_resolution import SuperResolutionPipeline
 from pipelines.text_to_image import TextToImagePipeline
 
-__all__ = ["Models", "PipelineOutput", "TextToImagePipeline", "load_models"]
+__all__ = [
+    "ClassifierGuidedPipeline",
+    "ImageToImagePipeline",
+    "Models",
+    "PipelineOutput",
+    "SemanticToImagePipeline",
+    "SuperResolutionPipeline",
+    "TextToImagePipeline",
+    "load_models",
+]

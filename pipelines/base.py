@@ -15,7 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from autoencoder import tiled_decode
-from ldm.diffusion import SAMPLERS, ClassifierFreeGuidance, NoiseSchedule
+from ldm.diffusion import SAMPLERS, ClassifierFreeGuidance, ClassifierGuidance, NoiseSchedule
 from ldm.diffusion.samplers import Callback, Model, sample
 from ldm.validation import check_choice, check_float, check_int
 from pipelines.models import Models, load_models
@@ -66,7 +66,10 @@ class Pipeline:
         self.device, self.dtype = torch.device(device), dtype or self.dtype
         m = self.models
         m.unet.to(self.device, self.dtype)
-        m.text_encoder.to(self.device, self.dtype)
+        if m.text_encoder is not None:
+            m.text_encoder.to(self.device, self.dtype)
+        if m.classifier is not None:
+            m.classifier.to(self.device, torch.float32)  # its gradient guides sampling: kept in float32
         m.vae.to(self.device, torch.float32 if self.dtype == torch.float16 else self.dtype)
         return self
 
@@ -85,7 +88,8 @@ class Pipeline:
     def latent_shape(self, batch: int, height: int | None, width: int | None, channels: int | None = None) -> tuple[int, ...]:
         f = self.models.vae.downsample_factor
         native = self.models.sample_size * f
-        height, width = height or native, width or native
+        height = native if height is None else height
+        width = native if width is None else width
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < f or value % f:
                 raise ValueError(f"{name}={value!r} is not allowed; allowed: a positive multiple of {f} "

@@ -37,6 +37,7 @@ class Models:
     tokenizer: ClipTokenizer | None = None
     concat: dict[str, Any] | None = None
     classifier: NoiseAwareClassifier | None = None
+    class_names: list[str] | None = None  # the classifier's labels, by index
 
     def __post_init__(self) -> None:
         if self.concat is not None:
@@ -60,6 +61,7 @@ class Models:
             text_encoder=modules["text_encoder"].eval() if "text_encoder" in modules else None, tokenizer=tokenizer,
             concat=config.get("concat"),
             classifier=modules["classifier"].eval() if "classifier" in modules else None,
+            class_names=config.get("class_names"),
         )
 
     def to_checkpoint(self) -> Checkpoint:
@@ -71,6 +73,8 @@ class Models:
             config["tokenizer"] = {"max_length": self.tokenizer.max_length, "pad_token_id": self.tokenizer.pad_token_id}
         if self.concat is not None:
             config["concat"] = dict(self.concat)
+        if self.class_names is not None:
+            config["class_names"] = list(self.class_names)
         return Checkpoint(config, {name: module.state_dict() for name, module in modules.items()})
 
     def save(self, path: str | Path, to: str = "folder") -> None:

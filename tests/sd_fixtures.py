@@ -41,3 +41,34 @@ def diffusers_v1_pipeline(tmp: Path) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDIMScheduler(**SD15_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+
+
+def small_models(concat: dict | None = None, text: bool = True, classifier: bool = False, seed: int = 0):
+    """Our own small random-weight models: f=2 autoencoder, 8×8 latents, optional parts."""
+    from autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldm.conditioning.text import TextEncoder, TextEncoderConfig
+    from ldm.diffusion.schedule import ScheduleConfig
+    from ldm.modules.classifier import ClassifierConfig, NoiseAwareClassifier
+    from ldm.modules.unet import UNet, UNetConfig
+    from pipelines import Models
+
+    torch.manual_seed(seed)
+    extra = {"image": 3, "semantic": (concat or {}).get("num_classes", 0)}.get((concat or {}).get("kind"), 0)
+    unet = UNet(UNetConfig(in_channels=4 + extra, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                           attention_levels=(0,), num_heads=2, context_dim=32, norm_groups=8))
+    vae = AutoencoderKL(AutoencoderConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8))
+    parts = {}
+    if text:
+        parts["text_encoder"] = TextEncoder(TextEncoderConfig(width=32, layers=2, heads=4))
+        parts["tokenizer"] = ClipTokenizer()
+    if classifier:
+        parts["classifier"] = NoiseAwareClassifier(ClassifierConfig(model_channels=16, channel_mult=(1, 2), num_classes=3,
+                                                                    norm_groups=8))
+        parts["class_names"] = ["circle", "square", "triangle"]
+    for i, module in enumerate([unet, vae] + [m for m in parts.values() if isinstance(m, torch.nn.Module)]):
+        randomize(module, seed + i)
+    models = Models(unet, vae, ScheduleConfig(beta_start=0.00085, beta_end=0.012), 8, concat=concat, **parts)
+    for module in (models.unet, models.vae, models.text_encoder, models.classifier):
+        if module is not None:
+            module.eval()
+    return models

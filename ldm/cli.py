@@ -1,0 +1,169 @@
+"""The ``ldm`` command line: generate, upscale, semantic, convert.
+
+Errors print one line (``ldm: error: ...``) and exit with status 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXAMPLES = {
+    "generate": 'ldm generate "a red circle in the top left" -o out.png\n'
+    'ldm generate "a blue square" -n 4 --steps 25 --guidance 7.5 --sampler dpmpp_2m --seed 1 -o grid.png\n'
+    'ldm generate "" --model demo-classifier --class triangle --classifier-scale 10 -o tri.png',
+    "upscale": "ldm upscale low.png -o high.png --model demo-sr",
+    "semantic": 'ldm semantic map.png --prompt "on a black background" -o out.png --model demo-semantic',
+    "convert": "ldm convert v1-5.safetensors sd15/ --to diffusers\nldm convert my-model/ model.safetensors --to sd",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default prints the usage too
+        self.exit(2, f"ldm: error: {message} (see --help)\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        args.run(args)
+    except (ValueError, OSError, KeyError) as err:  # CheckpointError and ConfigError are ValueErrors
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"ldm: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="ldm", description="Latent diffusion: generate, upscale, semantic synthesis, convert.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for name, add, run, text in (
+        ("generate", _add_generate, _generate, "text-to-image (and classifier-guided) generation to a PNG"),
+        ("upscale", _add_upscale, _upscale, "super-resolution of an image"),
+        ("semantic", _add_semantic, _semantic, "an image from a semantic label map"),
+        ("convert", _add_convert, _convert, "convert between our folders, diffusers folders and SD single files"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text, epilog="examples:\n" + EXAMPLES[name],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        add(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def _sampling_options(p: argparse.ArgumentParser, model: str, guidance: float) -> None:
+    p.add_argument("-o", "--output", default="out.png", help="PNG to write (default: %(default)s)")
+    p.add_argument("--model", default=model, help="demo name, our folder, diffusers folder or SD file (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale (default: %(default)s)")
+    p.add_argument("--sampler", default="dpmpp_2m", help="ddpm | ddim | dpmpp_2m | euler | euler_a (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help='the prompt; "" for unconditional')
+    _sampling_options(p, "demo", 7.5)
+    p.add_argument("-n", "--num-images", type=int, default=1, help="images; more than one are saved as a grid")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    p.add_argument("--classifier", default=None, help="model folder whose noise-aware classifier guides sampling")
+    p.add_argument("--class", dest="class_label", default=None, help="target class (index or name) for classifier guidance")
+    p.add_argument("--classifier-scale", type=float, default=10.0, help="classifier guidance scale (default: %(default)s)")
+
+
+def _add_upscale(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="low-resolution RGB image")
+    _sampling_options(p, "demo-sr", 1.0)
+
+
+def _add_semantic(p: argparse.ArgumentParser) -> None:
+    p.add_argument("map", help="label map PNG (mode L or P, one label per pixel)")
+    p.add_argument("--prompt", default="", help="optional prompt, for models with a text encoder")
+    _sampling_options(p, "demo-semantic", 1.0)
+
+
+def _add_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="our folder, diffusers folder or SD single file (.safetensors / .ckpt)")
+    p.add_argument("target", help="output folder or file")
+    p.add_argument("--to", required=True, choices=("diffusers", "sd", "folder"), help="output format")
+    p.add_argument("--prediction-type", default="epsilon", help="for SD files: epsilon or v (SD 2.x 768-v)")
+    p.add_argument("--no-ema", action="store_true", help="for full SD training checkpoints: take the non-EMA weights")
+
+
+def _pipeline(cls: type, args: argparse.Namespace):
+    return cls.from_pretrained(args.model, device=args.device)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from pipelines import ClassifierGuidedPipeline, TextToImagePipeline, load_models
+
+    common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed,
+                  num_images_per_prompt=args.num_images)
+    if args.class_label is None:
+        pipe = _pipeline(TextToImagePipeline, args)
+        images = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width, **common).images
+    else:
+        pipe = _pipeline(ClassifierGuidedPipeline, args)
+        if args.classifier:
+            donor = load_models(args.classifier)
+            pipe.models.classifier, pipe.models.class_names = donor.classifier.to(pipe.device), donor.class_names
+        images = pipe(args.class_label, args.classifier_scale, prompt=args.prompt, negative_prompt=args.negative,
+                      **common).images
+    _save(images, args.output)
+
+
+def _upscale(args: argparse.Namespace) -> None:
+    from pipelines import SuperResolutionPipeline
+
+    pipe = _pipeline(SuperResolutionPipeline, args)
+    _save(pipe(args.image, num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+               seed=args.seed).images, args.output)
+
+
+def _semantic(args: argparse.Namespace) -> None:
+    from pipelines import SemanticToImagePipeline
+
+    pipe = _pipeline(SemanticToImagePipeline, args)
+    _save(pipe(args.map, prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+               sampler=args.sampler, seed=args.seed).images, args.output)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from ldm.io import export_checkpoint, read_checkpoint
+
+    options = {"prediction_type": args.prediction_type, "use_ema": not args.no_ema}
+    if not Path(args.source).is_file():
+        options = {}
+    export_checkpoint(read_checkpoint(args.source, **options), args.target, args.to)
+    print(f"wrote {args.target} ({args.to})")
+
+
+def _save(images: list, output: str) -> None:
+    grid = images[0] if len(images) == 1 else make_grid(images)
+    grid.save(output)
+    print(f"wrote {output}")
+
+
+def make_grid(images: list, columns: int | None = None):
+    """Paste equal-sized PIL images into a grid of ``columns`` (default: about square)."""
+    from PIL import Image
+
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+if __name__ == "__main__":
+    sys.exit(main())

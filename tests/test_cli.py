@@ -1,0 +1,112 @@
+"""The ``ldm`` command line: outputs, grids, and one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sd_fixtures import small_models
+
+from ldm.cli import main
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    paths = {"t2i": root / "t2i", "sr": root / "sr", "sem": root / "sem", "cls": root / "cls"}
+    small_models().save(paths["t2i"])
+    small_models(concat={"kind": "image"}, text=False).save(paths["sr"])
+    small_models(concat={"kind": "semantic", "num_classes": 4}, text=False).save(paths["sem"])
+    small_models(classifier=True).save(paths["cls"])
+    return paths
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_writes_a_png_and_a_grid(models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    code, out, _ = run(["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "2", "-o", str(tmp_path / "a.png")], capsys)
+    assert code == 0 and "wrote" in out
+    assert Image.open(tmp_path / "a.png").size == (16, 16)
+    code, _, _ = run(["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "2", "-n", "4",
+                      "-o", str(tmp_path / "grid.png")], capsys)
+    assert code == 0 and Image.open(tmp_path / "grid.png").size == (32, 32)
+
+
+def test_classifier_guided_generation(models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    code, _, err = run(["generate", "", "--model", str(models["t2i"]), "--classifier", str(models["cls"]), "--class",
+                        "triangle", "--classifier-scale", "5", "--steps", "2", "-o", str(tmp_path / "c.png")], capsys)
+    assert code == 0, err
+    assert Image.open(tmp_path / "c.png").mode == "RGB"
+
+
+def test_upscale_and_semantic(models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    Image.new("RGB", (8, 8), (30, 70, 220)).save(tmp_path / "low.png")
+    code, _, err = run(["upscale", str(tmp_path / "low.png"), "--model", str(models["sr"]), "--steps", "2",
+                        "-o", str(tmp_path / "high.png")], capsys)
+    assert code == 0, err
+    assert Image.open(tmp_path / "high.png").size == (16, 16)
+    labels = np.zeros((16, 16), dtype=np.uint8)
+    labels[2:8, 2:8] = 1
+    Image.fromarray(labels, mode="L").save(tmp_path / "map.png")
+    code, _, err = run(["semantic", str(tmp_path / "map.png"), "--model", str(models["sem"]), "--steps", "2",
+                        "-o", str(tmp_path / "sem.png")], capsys)
+    assert code == 0, err
+    labels[0, 0] = 9
+    Image.fromarray(labels, mode="L").save(tmp_path / "bad.png")
+    code, _, err = run(["semantic", str(tmp_path / "bad.png"), "--model", str(models["sem"])], capsys)
+    assert code == 2 and err == "ldm: error: semantic map has label 9; allowed: labels 0..3 of this model\n"
+
+
+def test_convert_to_diffusers_and_sd(models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    assert run(["convert", str(models["t2i"]), str(tmp_path / "d"), "--to", "diffusers"], capsys)[0] == 0
+    assert (tmp_path / "d" / "model_index.json").is_file()
+    assert run(["convert", str(tmp_path / "d"), str(tmp_path / "m.safetensors"), "--to", "sd"], capsys)[0] == 0
+    code, _, err = run(["convert", str(models["sr"]), str(tmp_path / "x"), "--to", "diffusers"], capsys)
+    assert code == 2 and "needs a text-to-image model" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--height", "15"], "height=15 is not allowed; allowed: a positive multiple of 2"),
+        (["--steps", "0"], "num_inference_steps=0 is out of range"),
+        (["--guidance", "-2"], "guidance_scale=-2.0 is out of range; allowed: [0, inf]"),
+        (["--sampler", "plms"], "sampler='plms' is not supported; allowed: 'ddpm', 'ddim', 'dpmpp_2m', 'euler', 'euler_a'"),
+        (["-n", "0"], "num_images_per_prompt=0 is out of range"),
+    ],
+)
+def test_bad_generate_arguments_give_one_line(models: dict[str, Path], tmp_path: Path, capsys, args, message) -> None:
+    argv = ["generate", "a red circle", "--model", str(models["t2i"]), "-o", str(tmp_path / "x.png"), *args]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_unparsable_argument_gives_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a red circle", "--steps", "two"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err == "ldm: error: argument --steps: invalid int value: 'two' (see --help)\n"
+
+
+def test_missing_and_corrupt_models_in_a_subprocess(tmp_path: Path) -> None:
+    (tmp_path / "bad.safetensors").write_bytes(b"\x01" * 100)
+    for model, message in ((tmp_path / "nope", "does not exist"), (tmp_path / "bad.safetensors", "not a readable safetensors")):
+        result = subprocess.run([sys.executable, "-m", "ldm.cli", "generate", "a red circle", "--model", str(model),
+                                 "-o", str(tmp_path / "x.png")], capture_output=True, text=True)
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_has_examples() -> None:
+    result = subprocess.run([sys.executable, "-m", "ldm.cli", "generate", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "examples:" in result.stdout and "--classifier-scale" in result.stdout
