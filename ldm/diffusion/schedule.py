@@ -137,7 +137,9 @@ class NoiseSchedule:
 
     def alpha_bar_at(self, t: Tensor | float) -> Tensor:
         """ᾱ(t) (float64); exact at integer t, through the interpolated σ(t) in between."""
-        return 1 / (1 + self.sigma_at(t) ** 2)
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_train_timesteps - 1)
+        exact = self.alpha_bar[t.round().long()]
+        return torch.where(t == t.round(), exact, 1 / (1 + self.sigma_at(t) ** 2))
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) (Kingma et al. 2021)."""
