@@ -19,6 +19,8 @@ EXAMPLES = {
     "upscale": "ldm upscale low.png -o high.png --model demo-sr",
     "semantic": 'ldm semantic map.png --prompt "on a black background" -o out.png --model demo-semantic',
     "convert": "ldm convert v1-5.safetensors sd15/ --to diffusers\nldm convert my-model/ model.safetensors --to sd",
+    "train": "ldm train configs/demo/smoke.yaml --output-dir runs/smoke --max-steps 20 --set optim.lr=2e-4\n"
+    "accelerate launch --multi_gpu --num_processes 2 -m ldm.train configs/demo/smoke.yaml",
 }
 
 
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("upscale", _add_upscale, _upscale, "super-resolution of an image"),
         ("semantic", _add_semantic, _semantic, "an image from a semantic label map"),
         ("convert", _add_convert, _convert, "convert between our folders, diffusers folders and SD single files"),
+        ("train", _add_train, _train, "train a latent diffusion model from a YAML config (resumes automatically)"),
     ):
         sub = commands.add_parser(name, help=text, description=text, epilog="examples:\n" + EXAMPLES[name],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +99,19 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", required=True, choices=("diffusers", "sd", "folder"), help="output format")
     p.add_argument("--prediction-type", default="epsilon", help="for SD files: epsilon or v (SD 2.x 768-v)")
     p.add_argument("--no-ema", action="store_true", help="for full SD training checkpoints: take the non-EMA weights")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from ldm.train import add_common_arguments
+
+    add_common_arguments(p)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from ldm.train import run
+
+    logging.getLogger().setLevel(logging.INFO)
+    run(args)
 
 
 def _pipeline(cls: type, args: argparse.Namespace):

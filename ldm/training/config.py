@@ -1,0 +1,128 @@
+"""The typed config of ``ldm train``; YAML files and ``--set key=value`` validate into it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ldm.config import ConfigError, config_from_dict, config_to_dict, load_yaml
+
+
+@dataclass
+class DataConfig:
+    kind: str = "shapes"  # "shapes" (ldm.data.shapes) or "folder" (images + metadata.jsonl)
+    path: str | None = None  # the image-caption folder, for kind "folder"
+    image_size: int = 64
+    length: int = 100_000  # shapes: how many distinct samples the stream cycles through
+    seed: int = 0  # shapes: the data seed (evaluation uses others)
+    two_object_prob: float = 0.3
+    drop_prob: float = 0.5  # shapes: chance of dropping each optional caption part
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("shapes", "folder"):
+            raise ValueError(f"kind={self.kind!r} is not supported; allowed: 'shapes', 'folder'")
+        if self.kind == "folder" and not self.path:
+            raise ValueError("kind='folder' needs path: the folder with metadata.jsonl")
+
+
+@dataclass
+class ModelSpec:
+    """Start from ``init_from`` (any model format), or build from the component configs."""
+
+    init_from: str | None = None
+    autoencoder_from: str | None = None  # take the (frozen) autoencoder of this model
+    unet: dict[str, Any] = field(default_factory=dict)
+    vae: dict[str, Any] = field(default_factory=dict)
+    text_encoder: dict[str, Any] | None = field(default_factory=dict)  # None: no text conditioning
+    schedule: dict[str, Any] = field(default_factory=dict)
+    concat: dict[str, Any] | None = None  # {"kind": "image"} (low-res copy) or {"kind": "semantic", "num_classes": 4}
+    sample_size: int | None = None  # latent side; default image_size / VAE factor
+    train_text_encoder: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    max_steps: int = 1000
+    batch_size: int = 16  # per process
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not supported; allowed: 'no', 'fp16', 'bf16'")
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range; allowed: an integer >= 1")
+
+
+@dataclass
+class ObjectiveConfig:
+    cond_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
+    min_snr_gamma: float | None = None
+    offset_noise: float = 0.0
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    warmup: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    output_dir: str = "runs/train"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    param_checksums: bool = False  # write each rank's parameter checksum per step (multi-process checks)
+
+
+OVERRIDES = {"output_dir": "output_dir", "max_steps": "optim.max_steps", "checkpoint_every": "checkpoint_every",
+             "seed": "seed"}
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> TrainConfig:
+    """Read ``path``, apply ``--set key.sub=value`` strings and the named overrides, and validate."""
+    data = load_yaml(path)
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} is not allowed; allowed: KEY=VALUE, e.g. optim.lr=1e-4")
+        _assign(data, key, yaml.safe_load(value), str(path))
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            _assign(data, OVERRIDES[name], value, str(path))
+    return config_from_dict(TrainConfig, data, str(path))
+
+
+def _assign(data: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: cannot set {dotted!r}: {part!r} is not a mapping")
+    node[leaf] = value
+
+
+def save_train_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+__all__ = ["TrainConfig", "load_train_config", "save_train_config"]
