@@ -21,6 +21,9 @@ EXAMPLES = {
     "convert": "ldm convert v1-5.safetensors sd15/ --to diffusers\nldm convert my-model/ model.safetensors --to sd",
     "train": "ldm train configs/demo/smoke.yaml --output-dir runs/smoke --max-steps 20 --set optim.lr=2e-4\n"
     "accelerate launch --multi_gpu --num_processes 2 -m ldm.train configs/demo/smoke.yaml",
+    "train-autoencoder": "ldm train-autoencoder configs/demo/autoencoder-smoke.yaml --output-dir runs/ae\n"
+    "accelerate launch --multi_gpu --num_processes 2 -m ldm.train configs/demo/autoencoder-smoke.yaml --task autoencoder",
+    "train-classifier": "ldm train-classifier configs/demo/classifier-smoke.yaml --set model.init_from=runs/smoke/model",
 }
 
 
@@ -52,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("semantic", _add_semantic, _semantic, "an image from a semantic label map"),
         ("convert", _add_convert, _convert, "convert between our folders, diffusers folders and SD single files"),
         ("train", _add_train, _train, "train a latent diffusion model from a YAML config (resumes automatically)"),
+        ("train-autoencoder", _add_train, _train, "train the KL autoencoder: L1 + KL + PatchGAN (+ LPIPS)"),
+        ("train-classifier", _add_train, _train, "train a noise-aware classifier on the latents of a model"),
     ):
         sub = commands.add_parser(name, help=text, description=text, epilog="examples:\n" + EXAMPLES[name],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,6 +116,7 @@ def _train(args: argparse.Namespace) -> None:
     from ldm.train import run
 
     logging.getLogger().setLevel(logging.INFO)
+    args.task = {"train": "diffusion", "train-autoencoder": "autoencoder", "train-classifier": "classifier"}[args.command]
     run(args)
 
 

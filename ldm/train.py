@@ -37,8 +37,12 @@ def read_config(args: argparse.Namespace) -> TrainConfig:
     return load_train_config(args.config, overrides, args.set)
 
 
-def build_dataset(data: DataConfig, source: str = "config") -> Any:
-    """The dataset, checked in full (folders: every image opens) before any model is built."""
+TASKS = ("diffusion", "autoencoder", "classifier")
+
+
+def build_dataset(data: DataConfig, task: str = "diffusion") -> Any:
+    """The dataset, checked in full (folders: every image opens) before any model is built.
+    The classifier trains on one-object shapes, whose label is the shape."""
     if data.kind == "folder":
         from ldm.data.folder import ImageCaptionFolder
 
@@ -46,7 +50,8 @@ def build_dataset(data: DataConfig, source: str = "config") -> Any:
     from ldm.data.shapes import ShapesDataset
 
     return ShapesDataset(seed=data.seed, length=data.length, two_object_prob=data.two_object_prob,
-                         drop_prob=data.drop_prob, image_size=data.image_size)
+                         drop_prob=data.drop_prob, image_size=data.image_size,
+                         kind="one" if task == "classifier" else "any")
 
 
 def check_model_spec(spec: ModelSpec, source: str) -> None:
@@ -76,10 +81,7 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Any:
 
     if spec.init_from:
         return load_models(spec.init_from)
-    if spec.autoencoder_from:
-        vae = load_models(spec.autoencoder_from).vae
-    else:
-        vae = AutoencoderKL(AutoencoderConfig(**spec.vae))
+    vae = load_autoencoder(spec.autoencoder_from) if spec.autoencoder_from else AutoencoderKL(AutoencoderConfig(**spec.vae))
     text = TextEncoder(TextEncoderConfig(**spec.text_encoder)) if spec.text_encoder is not None else None
     pad = 0 if text is not None and text.config.kind == "openclip" else 49407
     tokenizer = ClipTokenizer(max_length=text.config.max_length, pad_token_id=pad) if text is not None else None
@@ -90,19 +92,57 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Any:
 
 def run(args: argparse.Namespace) -> None:
     """Check the config and the data, then build the models and train."""
+    task = getattr(args, "task", "diffusion")
     config = read_config(args)
-    check_model_spec(config.model, args.config)
-    dataset = build_dataset(config.data, args.config)
-    from ldm.training.diffusion import train
+    if task != "autoencoder":
+        check_model_spec(config.model, args.config)
+    dataset = build_dataset(config.data, task)
+    from ldm.training.loop import run_training
 
     torch.manual_seed(config.seed)  # weight initialisation of whatever is built from configs
-    final = train(config, build_models(config.model, config.data), dataset)
+    final = run_training(config, build_task(task, config, args.config), dataset)
     logger.info("model written to %s", final)
+
+
+def load_autoencoder(path: str) -> Any:
+    """The autoencoder of any model folder (``ldm train-autoencoder`` writes one with only that)."""
+    from autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldm.io import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    vae = AutoencoderKL(config_from_dict(AutoencoderConfig, checkpoint.config["vae"], str(path), "vae."))
+    vae.load_state_dict(checkpoint.weights["vae"])
+    return vae
+
+
+def build_task(task: str, config: TrainConfig, source: str) -> Any:
+    """The models of ``task``, wrapped in its training task."""
+    spec = config.model
+    if task == "autoencoder":
+        from autoencoder import AutoencoderConfig, AutoencoderKL
+        from autoencoder.train import AutoencoderTask
+
+        vae_from = spec.init_from or spec.autoencoder_from
+        vae = load_autoencoder(vae_from) if vae_from else AutoencoderKL(AutoencoderConfig(**spec.vae))
+        return AutoencoderTask(vae, config.loss, source)
+    models = build_models(spec, config.data)
+    if task == "classifier":
+        from ldm.modules.classifier import ClassifierConfig, NoiseAwareClassifier
+        from ldm.training.classifier import CLASS_NAMES, ClassifierTask
+
+        fields = {"in_channels": models.vae.config.latent_channels, "num_classes": len(CLASS_NAMES), **config.classifier}
+        models.classifier = NoiseAwareClassifier(config_from_dict(ClassifierConfig, fields, source, "classifier."))
+        models.class_names = models.class_names or CLASS_NAMES
+        return ClassifierTask(models, config.objective.latents)
+    from ldm.training.diffusion import DiffusionTask
+
+    return DiffusionTask(config, models)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ldm train", description="Train a latent diffusion model from a YAML config.")
     add_common_arguments(parser)
+    parser.add_argument("--task", choices=TASKS, default="diffusion", help="what to train (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:

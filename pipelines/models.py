@@ -48,6 +48,8 @@ class Models:
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, source: str = "checkpoint", use_ema: bool = True) -> Models:
         config, weights = checkpoint.config, dict(checkpoint.weights)
+        if "unet" not in weights:
+            raise CheckpointError(f"{source}: holds an autoencoder only (no U-Net); use it as model.autoencoder_from")
         if use_ema and checkpoint.ema is not None:
             weights["unet"] = checkpoint.ema
         modules = {name: _build(name, config, source) for name in weights}

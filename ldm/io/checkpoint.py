@@ -18,7 +18,7 @@ from torch import Tensor
 from ldm.config import ConfigError, load_yaml, save_yaml
 from ldm.io.files import CheckpointError, load_state_dict, save_state_dict
 
-REQUIRED = ("unet", "vae")
+REQUIRED = ("vae",)  # an autoencoder alone is a valid folder (ldm train-autoencoder writes one)
 COMPONENTS = ("unet", "vae", "text_encoder", "classifier")  # the last two are optional
 CONFIG_FILE = "model.yaml"
 

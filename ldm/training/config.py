@@ -68,6 +68,11 @@ class ObjectiveConfig:
     cond_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     min_snr_gamma: float | None = None
     offset_noise: float = 0.0
+    latents: str = "sample"  # "sample" the autoencoder's posterior (LDM) or take its "mean"
+
+    def __post_init__(self) -> None:
+        if self.latents not in ("sample", "mean"):
+            raise ValueError(f"latents={self.latents!r} is not supported; allowed: 'sample', 'mean'")
 
 
 @dataclass
@@ -91,6 +96,9 @@ class TrainConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     param_checksums: bool = False  # write each rank's parameter checksum per step (multi-process checks)
+    loss: dict[str, Any] = field(default_factory=dict)  # train-autoencoder: AutoencoderLossConfig fields
+    classifier: dict[str, Any] = field(default_factory=dict)  # train-classifier: ClassifierConfig fields
+    lora: dict[str, Any] | None = None  # finetune: {"rank": 4, "alpha": 4} trains LoRA adapters only
 
 
 OVERRIDES = {"output_dir": "output_dir", "max_steps": "optim.max_steps", "checkpoint_every": "checkpoint_every",

@@ -1,0 +1,190 @@
+"""The training loop under Accelerate, shared by every trainer.
+
+A *task* owns the networks and says what to optimise: ``groups()`` gives one list of trainable
+modules per optimizer, ``loss(i, batch, generator, step)`` the loss of optimizer i. Everything
+random is a function of (seed, step, rank, micro-batch) and the data order of (seed, epoch), so a
+run resumed from the checkpoint at step K continues bit for bit as if it had never stopped: the
+only state is the weights, the EMA, the optimizers and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ldm.training.checkpoints import latest_checkpoint, load_optimizer_state, load_state, save_checkpoint
+from ldm.training.config import TrainConfig, save_train_config
+from ldm.training.ema import EMA
+
+logger = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    def groups(self) -> list[list[nn.Module]]: ...
+    def prepare(self, accelerator: Accelerator) -> None: ...
+    def loss(self, index: int, batch: dict[str, Any], generator: torch.Generator, step: int) -> Tensor: ...
+    def ema_target(self) -> nn.Module | None: ...
+    def write_model(self, path: Path, ema: EMA | None) -> None: ...
+    def load_model(self, path: Path) -> None: ...
+
+
+def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
+    """The generator of one micro-batch: a fixed function of its coordinates."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + rank) * 97 + micro)
+
+
+def stream_indices(num_items: int, seed: int, start: int, count: int) -> list[int]:
+    """Dataset indices at positions [start, start+count) of an endless stream of epochs, each a
+    permutation drawn from (seed, epoch)."""
+    out, cache = [], {}
+    for position in range(start, start + count):
+        epoch, offset = divmod(position, num_items)
+        if epoch not in cache:
+            cache[epoch] = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.append(int(cache[epoch][offset]))
+    return out
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    def stack(values: list) -> Any:
+        if isinstance(values[0], Tensor):
+            return torch.stack(values)
+        return torch.tensor(values) if isinstance(values[0], int) else values
+
+    return {key: stack([item[key] for item in items]) for key in items[0]}
+
+
+def parameters(group: list[nn.Module | nn.Parameter]) -> list[nn.Parameter]:
+    """Trainable parameters of a group of modules (and loose parameters)."""
+    found = [p for item in group for p in ([item] if isinstance(item, nn.Parameter) else item.parameters())]
+    return [p for p in found if p.requires_grad]
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up to ``optim.lr`` over ``warmup_steps``, then constant."""
+    warmup = config.optim.warmup_steps
+    return config.optim.lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+
+
+def encode_latents(vae: nn.Module, images: Tensor, mode: str, generator: torch.Generator) -> Tensor:
+    """Scaled latents of a frozen autoencoder: a posterior sample (LDM) or the posterior mean."""
+    with torch.no_grad():
+        posterior = vae.encode(images)
+        latents = posterior.sample(generator) if mode == "sample" else posterior.mean
+    return latents * vae.config.scale_factor
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    # Without CUDA, cpu=True lets a multi-process launch form gloo ranks (MULTI_CPU) instead of
+    # each process running alone.
+    return Accelerator(mixed_precision=config.optim.mixed_precision, cpu=not torch.cuda.is_available(),
+                       gradient_accumulation_steps=config.optim.grad_accum)
+
+
+def run_training(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerator | None = None) -> Path:
+    """Train ``task`` on ``dataset`` (resuming from the newest checkpoint); returns the model folder."""
+    root = Path(config.output_dir)
+    accelerator = accelerator or make_accelerator(config)
+    o = config.optim
+    optimizers = [torch.optim.AdamW(parameters(group), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+                  for group in task.groups()]
+    target = task.ema_target()
+    ema = EMA(target, config.ema.decay, config.ema.warmup) if config.ema.enabled and target is not None else None
+    step = _resume(root, task, ema, optimizers)
+    task.prepare(accelerator)
+    optimizers = [accelerator.prepare(opt) for opt in optimizers]
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        save_train_config(config, root / "config.yaml")
+    accelerator.wait_for_everyone()
+    _loop(config, task, dataset, accelerator, optimizers, ema, step)
+    final = root / "model"
+    if accelerator.is_main_process:
+        task.write_model(final, ema)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _resume(root: Path, task: Task, ema: EMA | None, optimizers: list[torch.optim.Optimizer]) -> int:
+    found = latest_checkpoint(root)
+    if found is None:
+        return 0
+    from ldm.io.files import load_state_dict
+
+    task.load_model(found / "model")
+    if ema is not None:
+        ema.load_state_dict(load_state_dict(found / "ema.safetensors"))
+    states = load_optimizer_state(found)
+    for optimizer, state in zip(optimizers, states["optimizers"]):
+        optimizer.load_state_dict(state)
+    step = int(load_state(found)["step"])
+    logger.info("resuming from %s (step %d)", found, step)
+    return step
+
+
+def _loop(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerator,
+          optimizers: list[torch.optim.Optimizer], ema: EMA | None, step: int) -> None:
+    o, rank, world = config.optim, accelerator.process_index, accelerator.num_processes
+    bar = tqdm(total=o.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
+    while step < o.max_steps:
+        losses = []
+        for index, optimizer in enumerate(optimizers):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step)
+            for micro in range(o.grad_accum):
+                start = ((step * o.grad_accum + micro) * world + rank) * o.batch_size
+                batch = collate([dataset[i] for i in stream_indices(len(dataset), config.seed, start, o.batch_size)])
+                generator = step_generator(config.seed, step, rank, micro)
+                modules = [m for m in task.groups()[index] if isinstance(m, nn.Module)]
+                with accelerator.accumulate(*modules):
+                    loss = task.loss(index, batch, generator, step)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and o.max_grad_norm > 0:
+                        params = [p for g in optimizer.param_groups for p in g["params"]]
+                        accelerator.clip_grad_norm_(params, o.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        step += 1
+        if ema is not None:
+            ema.update(unwrap(task.ema_target()))
+        _after_step(config, task, accelerator, optimizers, ema, step, losses)
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[0].item():.4f}")
+    bar.close()
+
+
+def _after_step(config: TrainConfig, task: Task, accelerator: Accelerator, optimizers: list, ema: EMA | None,
+                step: int, losses: list[Tensor]) -> None:
+    root = Path(config.output_dir)
+    if config.param_checksums:
+        total = sum(float(p.detach().double().sum()) for g in task.groups() for p in parameters(g))
+        with open(root / f"checksums-rank{accelerator.process_index}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "sum": total}) + "\n")
+    means = [accelerator.reduce(loss, reduction="mean").item() for loss in losses]
+    if not all(math.isfinite(m) for m in means):
+        raise FloatingPointError(f"loss is {means} at step {step}; lower optim.lr or check the data")
+    if accelerator.is_main_process and (step % config.log_every == 0 or step == config.optim.max_steps):
+        record = {"step": step, "loss": means[0], "lr": optimizers[0].param_groups[0]["lr"]}
+        record.update({f"loss{i}": m for i, m in enumerate(means[1:], start=1)})
+        record.update(getattr(task, "metrics", {}))  # e.g. the autoencoder's L1 reconstruction
+        with open(root / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if step % config.checkpoint_every == 0 or step == config.optim.max_steps:
+        if accelerator.is_main_process:
+            states = {"optimizers": [opt.state_dict() for opt in optimizers]}
+            save_checkpoint(root, step, lambda path: task.write_model(path, ema), ema.state_dict() if ema else {},
+                            states, {"loss": means[0]}, config.keep_checkpoints)
+        accelerator.wait_for_everyone()
