@@ -24,6 +24,8 @@ EXAMPLES = {
     "train-autoencoder": "ldm train-autoencoder configs/demo/autoencoder-smoke.yaml --output-dir runs/ae\n"
     "accelerate launch --multi_gpu --num_processes 2 -m ldm.train configs/demo/autoencoder-smoke.yaml --task autoencoder",
     "train-classifier": "ldm train-classifier configs/demo/classifier-smoke.yaml --set model.init_from=runs/smoke/model",
+    "finetune": "ldm finetune configs/demo/finetune-smoke.yaml --set model.init_from=runs/smoke/model\n"
+    "ldm finetune configs/demo/finetune-smoke.yaml --set data.kind=folder --set data.path=my-images --set lora=null",
 }
 
 
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", _add_train, _train, "train a latent diffusion model from a YAML config (resumes automatically)"),
         ("train-autoencoder", _add_train, _train, "train the KL autoencoder: L1 + KL + PatchGAN (+ LPIPS)"),
         ("train-classifier", _add_train, _train, "train a noise-aware classifier on the latents of a model"),
+        ("finetune", _add_train, _train, "fine-tune a model (fully, or LoRA with lora:) and export it to diffusers"),
     ):
         sub = commands.add_parser(name, help=text, description=text, epilog="examples:\n" + EXAMPLES[name],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,7 +119,8 @@ def _train(args: argparse.Namespace) -> None:
     from ldm.train import run
 
     logging.getLogger().setLevel(logging.INFO)
-    args.task = {"train": "diffusion", "train-autoencoder": "autoencoder", "train-classifier": "classifier"}[args.command]
+    args.task = {"train": "diffusion", "train-autoencoder": "autoencoder", "train-classifier": "classifier",
+                 "finetune": "finetune"}[args.command]
     run(args)
 
 

@@ -37,7 +37,7 @@ def read_config(args: argparse.Namespace) -> TrainConfig:
     return load_train_config(args.config, overrides, args.set)
 
 
-TASKS = ("diffusion", "autoencoder", "classifier")
+TASKS = ("diffusion", "autoencoder", "classifier", "finetune")
 
 
 def build_dataset(data: DataConfig, task: str = "diffusion") -> Any:
@@ -96,12 +96,21 @@ def run(args: argparse.Namespace) -> None:
     config = read_config(args)
     if task != "autoencoder":
         check_model_spec(config.model, args.config)
+    if task == "finetune":
+        from ldm.training.lora import check_finetune
+
+        check_finetune(config, args.config)
     dataset = build_dataset(config.data, task)
     from ldm.training.loop import run_training
 
-    torch.manual_seed(config.seed)  # weight initialisation of whatever is built from configs
-    final = run_training(config, build_task(task, config, args.config), dataset)
+    torch.manual_seed(config.seed)  # weight initialisation of whatever is built from configs (and LoRA's A)
+    trainer = build_task(task, config, args.config)
+    final = run_training(config, trainer, dataset)
     logger.info("model written to %s", final)
+    if task == "finetune":
+        from ldm.training.lora import export_finetuned
+
+        export_finetuned(trainer, config.output_dir)
 
 
 def load_autoencoder(path: str) -> Any:
@@ -134,6 +143,10 @@ def build_task(task: str, config: TrainConfig, source: str) -> Any:
         models.classifier = NoiseAwareClassifier(config_from_dict(ClassifierConfig, fields, source, "classifier."))
         models.class_names = models.class_names or CLASS_NAMES
         return ClassifierTask(models, config.objective.latents)
+    if task == "finetune":
+        from ldm.training.lora import finetune_task
+
+        return finetune_task(config, models, source)
     from ldm.training.diffusion import DiffusionTask
 
     return DiffusionTask(config, models)
@@ -148,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(args)
     except (ValueError, OSError) as err:  # ConfigError is a ValueError
-        print(f"ldm: error: {err}", file=sys.stderr)
+        sys.stderr.write(f"ldm: error: {err}\n")
         return 2
     return 0
 
