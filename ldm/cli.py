@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -173,22 +172,11 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _save(images: list, output: str) -> None:
+    from pipelines.images import make_grid
+
     grid = images[0] if len(images) == 1 else make_grid(images)
     grid.save(output)
     print(f"wrote {output}")
-
-
-def make_grid(images: list, columns: int | None = None):
-    """Paste equal-sized PIL images into a grid of ``columns`` (default: about square)."""
-    from PIL import Image
-
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    w, h = images[0].size
-    grid = Image.new("RGB", (columns * w, rows * h))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    return grid
 
 
 if __name__ == "__main__":

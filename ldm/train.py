@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> None:
 
     torch.manual_seed(config.seed)  # weight initialisation of whatever is built from configs (and LoRA's A)
     trainer = build_task(task, config, args.config)
-    final = run_training(config, trainer, dataset)
+    hook = sample_grid_writer(config) if task in ("diffusion", "finetune") and config.sample_prompts else None
+    final = run_training(config, trainer, dataset, on_checkpoint=hook)
     logger.info("model written to %s", final)
     if task == "finetune":
         from ldm.training.lora import export_finetuned
@@ -150,6 +151,38 @@ def build_task(task: str, config: TrainConfig, source: str) -> Any:
     from ldm.training.diffusion import DiffusionTask
 
     return DiffusionTask(config, models)
+
+
+def sample_grid_writer(config: TrainConfig):
+    """A checkpoint hook: a grid of ``sample_prompts`` from the checkpoint's (EMA) model, written to
+    ``OUTPUT_DIR/samples/step-N.png`` and logged to the tracker. Skipped for models it cannot
+    sample from prompts alone (adapter-only checkpoints, concat conditions)."""
+
+    def write(step: int, folder: Any, accelerator: Any) -> None:
+        import numpy as np
+
+        from ldm.config import load_yaml
+        from pipelines import TextToImagePipeline
+        from pipelines.images import make_grid
+
+        model = folder / "model"
+        if not (model / "unet.safetensors").is_file():
+            return
+        spec = load_yaml(model / "model.yaml")
+        if "text_encoder" not in spec or spec.get("concat"):
+            return
+        pipe = TextToImagePipeline.from_pretrained(model, device=accelerator.device)
+        images = pipe(list(config.sample_prompts), num_inference_steps=config.sample_steps, seed=config.seed,
+                      progress=False).images
+        grid = make_grid(images)
+        out = folder.parent.parent / "samples" / f"step-{step:08d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(out)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+
+    return write
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +55,14 @@ def _open(path: str | Path, name: str) -> Image.Image:
             return img
     except (OSError, ValueError) as err:
         raise ValueError(f"{name}={str(path)!r} is not a readable image ({err})") from None
+
+
+def make_grid(images: list, columns: int | None = None):
+    """Paste equal-sized PIL images into a grid of ``columns`` (default: about square)."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid

@@ -12,8 +12,8 @@ import logging
 import open_clip
 import pytest
 import torch
-from torch.func import functional_call
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+from torch.func import functional_call
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.conditioning import ClipTokenizer, TextEncoder, TextEncoderConfig

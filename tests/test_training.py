@@ -165,6 +165,14 @@ def test_diffusion_trainer_lowers_its_loss(learned_diffusion: Path) -> None:
     assert mean_loss(learned_diffusion, "loss", False, 5) < 0.85 * mean_loss(learned_diffusion, "loss", True, 5)
 
 
+def test_checkpoints_come_with_a_sample_grid_and_tensorboard_logs(learned_diffusion: Path) -> None:
+    from PIL import Image
+
+    grid = Image.open(learned_diffusion / "samples" / "step-00000040.png")
+    assert grid.size == (64, 64)  # 4 prompts of 32x32 in a 2x2 grid
+    assert list((learned_diffusion / "ldm").glob("events.out.tfevents.*"))
+
+
 def test_autoencoder_trainer_lowers_its_reconstruction_loss(tmp_path: Path) -> None:
     config = str(ROOT / "configs" / "demo" / "autoencoder-smoke.yaml")
     subprocess.run([sys.executable, "-m", "ldm.train", config, "--task", "autoencoder", "--output-dir", str(tmp_path),

@@ -98,6 +98,10 @@ class TrainConfig:
     param_checksums: bool = False  # write each rank's parameter checksum per step (multi-process checks)
     loss: dict[str, Any] = field(default_factory=dict)  # train-autoencoder: AutoencoderLossConfig fields
     classifier: dict[str, Any] = field(default_factory=dict)  # train-classifier: ClassifierConfig fields
+    tracker: str | None = "tensorboard"  # Accelerate tracker for losses and sample grids; None: log.jsonl only
+    sample_prompts: tuple[str, ...] = ("a red circle", "a large blue square in the top left",
+                                       "a yellow triangle above a green square", "")  # grid at each checkpoint
+    sample_steps: int = 20
     lora: dict[str, Any] | None = None  # finetune: {"rank": 4, "alpha": 4} trains LoRA adapters only
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,6 +21,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ldm.config import config_to_dict
 from ldm.training.checkpoints import latest_checkpoint, load_optimizer_state, load_state, save_checkpoint
 from ldm.training.config import TrainConfig, save_train_config
 from ldm.training.ema import EMA
@@ -89,12 +91,28 @@ def encode_latents(vae: nn.Module, images: Tensor, mode: str, generator: torch.G
 def make_accelerator(config: TrainConfig) -> Accelerator:
     # Without CUDA, cpu=True lets a multi-process launch form gloo ranks (MULTI_CPU) instead of
     # each process running alone.
-    return Accelerator(mixed_precision=config.optim.mixed_precision, cpu=not torch.cuda.is_available(),
-                       gradient_accumulation_steps=config.optim.grad_accum)
+    accelerator = Accelerator(mixed_precision=config.optim.mixed_precision, cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=config.optim.grad_accum, log_with=config.tracker,
+                              project_dir=config.output_dir)
+    if config.tracker:
+        scalars = {k: v for k, v in _flat(config_to_dict(config)).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("ldm", config=scalars)
+    return accelerator
 
 
-def run_training(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerator | None = None) -> Path:
-    """Train ``task`` on ``dataset`` (resuming from the newest checkpoint); returns the model folder."""
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def run_training(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerator | None = None,
+                 on_checkpoint: Callable[[int, Path, Accelerator], None] | None = None) -> Path:
+    """Train ``task`` on ``dataset`` (resuming from the newest checkpoint); returns the model folder.
+
+    ``on_checkpoint(step, folder, accelerator)`` runs on the main process after each checkpoint
+    (the trainers' entry point writes a sample grid there)."""
     root = Path(config.output_dir)
     accelerator = accelerator or make_accelerator(config)
     o = config.optim
@@ -109,11 +127,12 @@ def run_training(config: TrainConfig, task: Task, dataset: Any, accelerator: Acc
         root.mkdir(parents=True, exist_ok=True)
         save_train_config(config, root / "config.yaml")
     accelerator.wait_for_everyone()
-    _loop(config, task, dataset, accelerator, optimizers, ema, step)
+    _loop(config, task, dataset, accelerator, optimizers, ema, step, on_checkpoint)
     final = root / "model"
     if accelerator.is_main_process:
         task.write_model(final, ema)
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return final
 
 
@@ -135,7 +154,7 @@ def _resume(root: Path, task: Task, ema: EMA | None, optimizers: list[torch.opti
 
 
 def _loop(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerator,
-          optimizers: list[torch.optim.Optimizer], ema: EMA | None, step: int) -> None:
+          optimizers: list[torch.optim.Optimizer], ema: EMA | None, step: int, on_checkpoint: Callable | None) -> None:
     o, rank, world = config.optim, accelerator.process_index, accelerator.num_processes
     bar = tqdm(total=o.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     while step < o.max_steps:
@@ -160,14 +179,14 @@ def _loop(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerato
         step += 1
         if ema is not None:
             ema.update(unwrap(task.ema_target()))
-        _after_step(config, task, accelerator, optimizers, ema, step, losses)
+        _after_step(config, task, accelerator, optimizers, ema, step, losses, on_checkpoint)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[0].item():.4f}")
     bar.close()
 
 
 def _after_step(config: TrainConfig, task: Task, accelerator: Accelerator, optimizers: list, ema: EMA | None,
-                step: int, losses: list[Tensor]) -> None:
+                step: int, losses: list[Tensor], on_checkpoint: Callable | None) -> None:
     root = Path(config.output_dir)
     if config.param_checksums:
         total = sum(float(p.detach().double().sum()) for g in task.groups() for p in parameters(g))
@@ -182,9 +201,12 @@ def _after_step(config: TrainConfig, task: Task, accelerator: Accelerator, optim
         record.update(getattr(task, "metrics", {}))  # e.g. the autoencoder's L1 reconstruction
         with open(root / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
     if step % config.checkpoint_every == 0 or step == config.optim.max_steps:
         if accelerator.is_main_process:
             states = {"optimizers": [opt.state_dict() for opt in optimizers]}
-            save_checkpoint(root, step, lambda path: task.write_model(path, ema), ema.state_dict() if ema else {},
-                            states, {"loss": means[0]}, config.keep_checkpoints)
+            folder = save_checkpoint(root, step, lambda path: task.write_model(path, ema),
+                                     ema.state_dict() if ema else {}, states, {"loss": means[0]}, config.keep_checkpoints)
+            if on_checkpoint is not None:
+                on_checkpoint(step, folder, accelerator)
         accelerator.wait_for_everyone()
