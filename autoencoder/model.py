@@ -265,7 +265,12 @@ class AutoencoderKL(nn.Module):
         return self.quant_conv(self.encoder(x))
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian(self.encode_moments(x))
+        return self.posterior(self.encode_moments(x))
+
+    @staticmethod
+    def posterior(moments: Tensor) -> DiagonalGaussian:
+        """The posterior of concatenated (mean, logvar) moments, e.g. cached ones."""
+        return DiagonalGaussian(moments)
 
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(self.post_quant_conv(z))

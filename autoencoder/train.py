@@ -20,9 +20,11 @@ from ldm.training.loop import unwrap
 
 
 class AutoencoderTask:
-    def __init__(self, vae: AutoencoderKL, loss_config: dict[str, Any], source: str = "config") -> None:
+    def __init__(self, vae: AutoencoderKL, loss_config: dict[str, Any], source: str = "config",
+                 perceptual: nn.Module | None = None) -> None:
         self.vae = vae.train()
-        self.criterion = AutoencoderLoss(config_from_dict(AutoencoderLossConfig, loss_config, source, "loss."))
+        config = config_from_dict(AutoencoderLossConfig, loss_config, source, "loss.")
+        self.criterion = AutoencoderLoss(config, perceptual)
         self.device = torch.device("cpu")
         self.metrics: dict[str, float] = {}
 

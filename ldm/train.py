@@ -134,7 +134,12 @@ def build_task(task: str, config: TrainConfig, source: str) -> Any:
 
         vae_from = spec.init_from or spec.autoencoder_from
         vae = load_autoencoder(vae_from) if vae_from else AutoencoderKL(AutoencoderConfig(**spec.vae))
-        return AutoencoderTask(vae, config.loss, source)
+        perceptual = None
+        if config.lpips_weights:
+            from autoencoder.losses import load_lpips
+
+            perceptual = load_lpips(config.lpips_weights)
+        return AutoencoderTask(vae, config.loss, source, perceptual)
     models = build_models(spec, config.data)
     if task == "classifier":
         from ldm.modules.classifier import ClassifierConfig, NoiseAwareClassifier

@@ -196,3 +196,37 @@ def test_classifier_trainer_lowers_its_loss(learned_diffusion: Path, tmp_path: P
 
     pipe = ClassifierGuidedPipeline.from_pretrained(tmp_path / "model")
     assert pipe.models.class_names == ["circle", "square", "triangle"]
+
+
+def test_latent_cache_gives_the_same_training_as_encoding_each_time(tmp_path: Path) -> None:
+    runs = {}
+    for cache in ("false", "true"):
+        out = tmp_path / cache
+        subprocess.run(train_command(out) + ["--max-steps", "4", "--set", f"cache_latents={cache}", "--set", "tracker=null"],
+                       check=True, env=ENV, capture_output=True, cwd=ROOT)
+        runs[cache] = load_state_dict(out / "model" / "unet.safetensors")
+    for key, value in runs["false"].items():
+        torch.testing.assert_close(runs["true"][key], value, rtol=0, atol=1e-6)
+
+
+def test_missing_lpips_weights_are_named(tmp_path: Path, capsys) -> None:
+    config = str(ROOT / "configs" / "demo" / "autoencoder-smoke.yaml")
+    code = main([config, "--task", "autoencoder", "--output-dir", str(tmp_path), "--set", "lpips_weights=/no/lpips.safetensors"])
+    assert code == 2 and "/no/lpips.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["empty", "unreadable"])
+def test_bad_image_folders_stop_before_models_are_built(tmp_path: Path, capsys, monkeypatch, case: str) -> None:
+    import ldm.train
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    if case == "empty":
+        (folder / "metadata.jsonl").write_text("")
+    else:
+        (folder / "a.png").write_bytes(b"not a png")
+        (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a red circle"}\n')
+    monkeypatch.setattr(ldm.train, "build_models", lambda *a: pytest.fail("a model was built"))
+    code = main([SMOKE, "--output-dir", str(tmp_path / "o"), "--set", "data.kind=folder", "--set", f"data.path={folder}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and str(folder) in err

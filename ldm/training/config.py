@@ -95,6 +95,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     gradient_checkpointing: bool = False
+    cache_latents: bool = False  # keep each image's posterior moments in memory after its first encoding
+    lpips_weights: str | None = None  # train-autoencoder: LPIPS (VGG16 + linear layers) file for the perceptual term
     param_checksums: bool = False  # write each rank's parameter checksum per step (multi-process checks)
     loss: dict[str, Any] = field(default_factory=dict)  # train-autoencoder: AutoencoderLossConfig fields
     classifier: dict[str, Any] = field(default_factory=dict)  # train-classifier: ClassifierConfig fields

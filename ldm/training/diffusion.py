@@ -16,7 +16,7 @@ from ldm.io.checkpoint import write_folder
 from ldm.io.files import load_state_dict
 from ldm.training.config import TrainConfig
 from ldm.training.ema import EMA
-from ldm.training.loop import encode_latents, run_training, unwrap
+from ldm.training.loop import LatentCache, encode_latents, run_training, unwrap
 
 
 def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
@@ -38,6 +38,7 @@ class DiffusionTask:
             models.text_encoder.requires_grad_(self.train_text).train(self.train_text)
         models.unet.train()
         self.device = torch.device("cpu")
+        self.cache = LatentCache() if config.cache_latents else None
 
     def groups(self) -> list[list[nn.Module]]:
         return [[self.models.unet] + ([self.models.text_encoder] if self.train_text else [])]
@@ -70,7 +71,8 @@ class DiffusionTask:
         return out
 
     def loss(self, index: int, batch: dict[str, Any], generator: torch.Generator, step: int) -> Tensor:
-        latents = encode_latents(self.models.vae, batch["image"].to(self.device), self.config.objective.latents, generator)
+        latents = encode_latents(self.models.vae, batch["image"].to(self.device), self.config.objective.latents,
+                                 generator, self.cache, batch.get("index"))
         cond = self.conditioning(batch, latents, generator)
 
         def model(x_t: Tensor, t: Tensor) -> Tensor:

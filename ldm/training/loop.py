@@ -80,10 +80,29 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.optim.lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
 
 
-def encode_latents(vae: nn.Module, images: Tensor, mode: str, generator: torch.Generator) -> Tensor:
+class LatentCache:
+    """Posterior moments (mean, logvar) per dataset index, so each image is encoded once.
+    (A resumed run refills it in another order; bit-exact resume is only promised without it.)"""
+
+    def __init__(self) -> None:
+        self.moments: dict[int, Tensor] = {}
+
+    def get(self, vae: nn.Module, images: Tensor, indices: list[int]) -> Tensor:
+        if any(i not in self.moments for i in indices):
+            fresh = vae.encode_moments(images)
+            for row, index in enumerate(indices):
+                self.moments.setdefault(index, fresh[row].cpu())
+        return torch.stack([self.moments[i] for i in indices]).to(images.device)
+
+
+def encode_latents(vae: nn.Module, images: Tensor, mode: str, generator: torch.Generator,
+                   cache: LatentCache | None = None, indices: Tensor | None = None) -> Tensor:
     """Scaled latents of a frozen autoencoder: a posterior sample (LDM) or the posterior mean."""
     with torch.no_grad():
-        posterior = vae.encode(images)
+        if cache is not None and indices is not None:
+            posterior = vae.posterior(cache.get(vae, images, indices.tolist()))
+        else:
+            posterior = vae.encode(images)
         latents = posterior.sample(generator) if mode == "sample" else posterior.mean
     return latents * vae.config.scale_factor
 
@@ -164,7 +183,8 @@ def _loop(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerato
                 group["lr"] = learning_rate(config, step)
             for micro in range(o.grad_accum):
                 start = ((step * o.grad_accum + micro) * world + rank) * o.batch_size
-                batch = collate([dataset[i] for i in stream_indices(len(dataset), config.seed, start, o.batch_size)])
+                indices = stream_indices(len(dataset), config.seed, start, o.batch_size)
+                batch = {**collate([dataset[i] for i in indices]), "index": torch.tensor(indices)}
                 generator = step_generator(config.seed, step, rank, micro)
                 modules = [m for m in task.groups()[index] if isinstance(m, nn.Module)]
                 with accelerator.accumulate(*modules):
