@@ -230,3 +230,16 @@ def test_bad_image_folders_stop_before_models_are_built(tmp_path: Path, capsys, 
     code = main([SMOKE, "--output-dir", str(tmp_path / "o"), "--set", "data.kind=folder", "--set", f"data.path={folder}"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and str(folder) in err
+
+
+def test_trainable_autoencoder_encoder(tmp_path: Path) -> None:
+    subprocess.run(train_command(tmp_path) + ["--max-steps", "2", "--set", "model.train_vae=true", "--set", "tracker=null"],
+                   check=True, env=ENV, capture_output=True, cwd=ROOT)
+    torch.manual_seed(0)
+    from ldm.train import build_models
+    from ldm.training.config import load_train_config
+
+    initial = build_models(load_train_config(SMOKE).model, load_train_config(SMOKE).data).vae.state_dict()
+    trained = load_state_dict(tmp_path / "model" / "vae.safetensors")
+    changed = {k.split(".")[0] for k in initial if not torch.equal(initial[k], trained[k])}
+    assert changed == {"encoder", "quant_conv"}  # the decoder gets no gradient from the diffusion loss

@@ -41,6 +41,7 @@ class ModelSpec:
     concat: dict[str, Any] | None = None  # {"kind": "image"} (low-res copy) or {"kind": "semantic", "num_classes": 4}
     sample_size: int | None = None  # latent side; default image_size / VAE factor
     train_text_encoder: bool = False
+    train_vae: bool = False  # let the diffusion loss train the autoencoder's encoder too (frozen by default)
 
 
 @dataclass

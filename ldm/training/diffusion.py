@@ -32,7 +32,11 @@ class DiffusionTask:
         self.config, self.models = config, models
         self.schedule = NoiseSchedule.from_config(models.schedule)
         models.unet.config.gradient_checkpointing = config.gradient_checkpointing
+        self.train_vae = config.model.train_vae
         models.vae.requires_grad_(False).eval()
+        if self.train_vae:  # only the encoder and quant_conv receive gradients from the diffusion loss
+            models.vae.encoder.requires_grad_(True)
+            models.vae.quant_conv.requires_grad_(True)
         self.train_text = models.text_encoder is not None and config.model.train_text_encoder
         if models.text_encoder is not None:
             models.text_encoder.requires_grad_(self.train_text).train(self.train_text)
@@ -41,7 +45,8 @@ class DiffusionTask:
         self.cache = LatentCache() if config.cache_latents else None
 
     def groups(self) -> list[list[nn.Module]]:
-        return [[self.models.unet] + ([self.models.text_encoder] if self.train_text else [])]
+        m = self.models
+        return [[m.unet] + ([m.text_encoder] if self.train_text else []) + ([m.vae] if self.train_vae else [])]
 
     def prepare(self, accelerator: Accelerator) -> None:
         m, self.device = self.models, accelerator.device
@@ -50,6 +55,8 @@ class DiffusionTask:
             m.text_encoder = accelerator.prepare(m.text_encoder)
         elif m.text_encoder is not None:
             m.text_encoder.to(self.device)
+        if self.train_vae and accelerator.num_processes > 1:
+            raise ValueError("model.train_vae=True is supported in one process only; allowed with several: false")
         m.vae.to(self.device)
 
     def conditioning(self, batch: dict[str, Any], latents: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
@@ -88,14 +95,14 @@ class DiffusionTask:
 
     def write_model(self, path: Path, ema: EMA | None) -> None:
         m = self.models
-        wrapped = m.unet, m.text_encoder
-        m.unet, m.text_encoder = unwrap(m.unet), m.text_encoder and unwrap(m.text_encoder)
+        wrapped = m.unet, m.text_encoder, m.vae
+        m.unet, m.text_encoder, m.vae = unwrap(m.unet), m.text_encoder and unwrap(m.text_encoder), unwrap(m.vae)
         try:
             checkpoint = m.to_checkpoint()
             if ema is not None:
                 checkpoint.ema = ema.averaged_state_dict(m.unet)
         finally:
-            m.unet, m.text_encoder = wrapped
+            m.unet, m.text_encoder, m.vae = wrapped
         write_folder(checkpoint, path)
 
     def load_model(self, path: Path) -> None:

@@ -89,7 +89,7 @@ class LatentCache:
 
     def get(self, vae: nn.Module, images: Tensor, indices: list[int]) -> Tensor:
         if any(i not in self.moments for i in indices):
-            fresh = vae.encode_moments(images)
+            fresh = unwrap(vae).encode_moments(images)
             for row, index in enumerate(indices):
                 self.moments.setdefault(index, fresh[row].cpu())
         return torch.stack([self.moments[i] for i in indices]).to(images.device)
@@ -97,14 +97,16 @@ class LatentCache:
 
 def encode_latents(vae: nn.Module, images: Tensor, mode: str, generator: torch.Generator,
                    cache: LatentCache | None = None, indices: Tensor | None = None) -> Tensor:
-    """Scaled latents of a frozen autoencoder: a posterior sample (LDM) or the posterior mean."""
-    with torch.no_grad():
-        if cache is not None and indices is not None:
-            posterior = vae.posterior(cache.get(vae, images, indices.tolist()))
+    """Scaled latents of the autoencoder: a posterior sample (LDM) or the posterior mean; with
+    gradients only when the autoencoder is being trained."""
+    trained = any(p.requires_grad for p in vae.parameters())
+    with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
+        if cache is not None and indices is not None and not trained:
+            posterior = unwrap(vae).posterior(cache.get(vae, images, indices.tolist()))
         else:
-            posterior = vae.encode(images)
+            posterior = unwrap(vae).encode(images)
         latents = posterior.sample(generator) if mode == "sample" else posterior.mean
-    return latents * vae.config.scale_factor
+    return latents * unwrap(vae).config.scale_factor
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
