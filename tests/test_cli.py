@@ -110,3 +110,11 @@ def test_missing_and_corrupt_models_in_a_subprocess(tmp_path: Path) -> None:
 def test_help_has_examples() -> None:
     result = subprocess.run([sys.executable, "-m", "ldm.cli", "generate", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "examples:" in result.stdout and "--classifier-scale" in result.stdout
+
+
+def test_upscale_input_of_the_wrong_mode_gives_one_line(models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    Image.new("L", (8, 8)).save(tmp_path / "gray.png")
+    code, _, err = run(["upscale", str(tmp_path / "gray.png"), "--model", str(models["sr"])], capsys)
+    assert code == 2 and err == "ldm: error: image has mode 'L'; allowed: 'RGB'\n"
+    code, _, err = run(["upscale", str(tmp_path / "missing.png"), "--model", str(models["sr"])], capsys)
+    assert code == 2 and "is not a readable image" in err and err.count("\n") == 1
