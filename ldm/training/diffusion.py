@@ -16,7 +16,7 @@ from ldm.io.checkpoint import write_folder
 from ldm.io.files import load_state_dict
 from ldm.training.config import TrainConfig
 from ldm.training.ema import EMA
-from ldm.training.loop import LatentCache, encode_latents, run_training, unwrap
+from ldm.training.loop import LatentCache, encode_latents, unwrap
 
 
 def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
@@ -111,8 +111,3 @@ class DiffusionTask:
             module = getattr(m, name)
             if module is not None:
                 unwrap(module).load_state_dict(load_state_dict(path / f"{name}.safetensors"))
-
-
-def train(config: TrainConfig, models: Any, dataset: Any) -> Path:
-    """Train a latent diffusion model; returns the final model folder."""
-    return run_training(config, DiffusionTask(config, models), dataset)
