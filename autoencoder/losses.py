@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -85,15 +85,6 @@ class AutoencoderLossConfig:
             check_int(name, getattr(self, name), 1)
         check_choice("disc_loss", self.disc_loss, DISC_LOSSES)
         check_choice("disc_norm", self.disc_norm, NORMS)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AutoencoderLossConfig:
-        """Build from a plain dict (YAML); unknown keys raise ``ValueError`` naming the allowed ones."""
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown AutoencoderLossConfig field(s) {unknown}; allowed: {', '.join(allowed)}")
-        return cls(**d)
 
 
 class AutoencoderLoss(nn.Module):

@@ -8,8 +8,7 @@ the prefix): ``encoder.down.{i}.block.{j}``, ``encoder.mid.attn_1.q``, ``decoder
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,21 +60,6 @@ class AutoencoderConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AutoencoderConfig:
-        """Build from a plain dict (YAML, ``ldm.io.vae_keys``); unknown keys raise ``ValueError``."""
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown AutoencoderConfig field(s) {unknown}; allowed: {', '.join(allowed)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML-friendly dict (``channel_mult`` as a list)."""
-        d = asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        return d
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:

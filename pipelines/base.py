@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from autoencoder import tiled_decode
+from ldm.conditioning.spatial import as_condition_batch
 from ldm.diffusion import SAMPLERS, ClassifierFreeGuidance, ClassifierGuidance, NoiseSchedule
 from ldm.diffusion.samplers import Callback, Model, sample
 from ldm.validation import check_choice, check_float, check_int
@@ -197,7 +198,7 @@ class Pipeline:
         context = self.encode_prompts(prompts).repeat_interleave(n, dim=0)  # (P·n, L, D)
         uncond = self.encode_prompts(negatives).repeat_interleave(n, dim=0)
         if concat is not None:
-            concat = concat.to(self.device).expand(batch, *concat.shape[1:]) if concat.shape[0] == 1 else concat
+            concat = as_condition_batch(concat.to(self.device), batch)
         denoiser = self.guided(context, uncond, guidance_scale, guidance_rescale, concat)
         if class_labels is not None:
             denoiser = self.classifier_guided(denoiser, class_labels.repeat_interleave(n).to(self.device), classifier_scale)

@@ -12,7 +12,6 @@ State-dict keys equal the original single-file layouts: kind clip gives ``text_m
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -61,18 +60,6 @@ class TextEncoderConfig:
     @property
     def intermediate_size(self) -> int:
         return int(self.width * self.mlp_ratio)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TextEncoderConfig":
-        """Build from a mapping (e.g. a YAML section); unknown keys raise ``ValueError``."""
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ValueError(f"text encoder config key {unknown[0]!r} is unknown; allowed: {', '.join(fields)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 PRESETS = {

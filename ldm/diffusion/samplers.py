@@ -107,8 +107,7 @@ def sample_ddim(
         pred = _net(model, x, t)
         x0 = predict_x0(pred, x, ab, prediction_type)
         eps = predict_eps(pred, x, ab, prediction_type)
-        # clamp: on a last step to t=0, ab (through σ) and ab_prev = ᾱ_0 can differ by rounding with
-        # ab > ab_prev, and the root of the tiny negative variance would be NaN even at η=0
+        # clamp: a final_alpha_bar below ᾱ_t would make the variance negative (its root NaN even at η=0)
         std = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
         x = ab_prev.sqrt().item() * x0 + (1 - ab_prev - std**2).sqrt().item() * eps
         if eta > 0:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from ldm.data.shapes import SHAPES
 from ldm.diffusion import NoiseSchedule
 from ldm.diffusion.samplers import randn_like
 from ldm.io.checkpoint import write_folder
@@ -18,7 +19,7 @@ from ldm.io.files import load_state_dict
 from ldm.training.ema import EMA
 from ldm.training.loop import encode_latents, unwrap
 
-CLASS_NAMES = ["circle", "square", "triangle"]  # the shapes domain's labels
+CLASS_NAMES = list(SHAPES)  # the shapes domain's labels, by index
 
 
 class ClassifierTask:

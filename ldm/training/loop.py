@@ -9,6 +9,7 @@ only state is the weights, the EMA, the optimizers and the step.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -46,13 +47,16 @@ def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
 def stream_indices(num_items: int, seed: int, start: int, count: int) -> list[int]:
     """Dataset indices at positions [start, start+count) of an endless stream of epochs, each a
     permutation drawn from (seed, epoch)."""
-    out, cache = [], {}
+    out = []
     for position in range(start, start + count):
         epoch, offset = divmod(position, num_items)
-        if epoch not in cache:
-            cache[epoch] = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        out.append(int(cache[epoch][offset]))
+        out.append(_epoch_order(num_items, seed, epoch)[offset])
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
