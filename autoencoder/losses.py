@@ -63,6 +63,8 @@ class AutoencoderLossConfig:
 
     kl_weight: float = 1e-6
     pixel_weight: float = 1.0
+    pixel_loss: str = "l1"  # "l1" (CompVis) or "l2": squared error, whose gradient fades where pixels are already
+    # right (flat backgrounds), so small objects dominate sooner
     disc_start: int = 50001  # first global step with the GAN term (generator and discriminator)
     disc_weight: float = 0.5  # multiplies the adaptive λ
     disc_factor: float = 1.0
@@ -83,6 +85,7 @@ class AutoencoderLossConfig:
         check_int("disc_start", self.disc_start, 0)
         for name in ("disc_in_channels", "disc_base_channels", "disc_num_layers"):
             check_int(name, getattr(self, name), 1)
+        check_choice("pixel_loss", self.pixel_loss, ("l1", "l2"))
         check_choice("disc_loss", self.disc_loss, DISC_LOSSES)
         check_choice("disc_norm", self.disc_norm, NORMS)
 
@@ -139,7 +142,8 @@ class AutoencoderLoss(nn.Module):
         """
         check_same_shape("recon", tuple(recon.shape), tuple(inputs.shape))
         c, b = self.config, inputs.shape[0]
-        rec = c.pixel_weight * (inputs - recon).abs()  # (B,C,H,W)
+        diff = inputs - recon
+        rec = c.pixel_weight * (diff.abs() if c.pixel_loss == "l1" else diff**2)  # (B,C,H,W)
         logs: dict[str, float] = {}
         if self.perceptual is not None and c.perceptual_weight > 0:
             p_loss = self.perceptual(inputs, recon)  # (B,1,1,1), broadcast over pixels as in CompVis

@@ -29,6 +29,10 @@ class AutoencoderTask:
         self.metrics: dict[str, float] = {}
 
     def groups(self) -> list[list[nn.Module | nn.Parameter]]:
+        """The autoencoder (+ log-variance) and the discriminator; ``disc_factor: 0`` turns the GAN
+        off, and then the discriminator is neither run nor trained (a plain L1 + KL autoencoder)."""
+        if self.criterion.config.disc_factor == 0:
+            return [[self.vae, self.criterion.logvar]]
         return [[self.vae, self.criterion.logvar], [self.criterion.discriminator]]
 
     def prepare(self, accelerator: Accelerator) -> None:

@@ -1,4 +1,4 @@
-"""The ``ldm`` command line: generate, upscale, semantic, convert.
+"""The ``ldm`` command line: generate, upscale, semantic, convert, train…, eval.
 
 Errors print one line (``ldm: error: ...``) and exit with status 2; no tracebacks.
 """
@@ -16,8 +16,11 @@ EXAMPLES = {
     'ldm generate "a blue square" -n 4 --steps 25 --guidance 7.5 --sampler dpmpp_2m --seed 1 -o grid.png\n'
     'ldm generate "" --model demo-classifier --class triangle --classifier-scale 10 -o tri.png',
     "upscale": "ldm upscale low.png -o high.png --model demo-sr",
-    "semantic": 'ldm semantic map.png --prompt "on a black background" -o out.png --model demo-semantic',
-    "convert": "ldm convert v1-5.safetensors sd15/ --to diffusers\nldm convert my-model/ model.safetensors --to sd",
+    "semantic": "ldm semantic map.png -o out.png --model demo-semantic",
+    "convert": "ldm convert v1-5.safetensors sd15/ --to diffusers\nldm convert my-model/ model.safetensors --to sd\n"
+    "ldm convert runs/demo/text-to-image/model pipelines/weights/demo --to folder --half",
+    "eval": "ldm eval text-to-image -o eval/  # the demo model, 300 held-out prompts, guidance 1,2,4,7.5,12\n"
+    "ldm eval super-resolution -o eval/ --count 300\nldm eval classifier -o eval/ --classifier-scales 0,10",
     "train": "ldm train configs/demo/smoke.yaml --output-dir runs/smoke --max-steps 20 --set optim.lr=2e-4\n"
     "accelerate launch --multi_gpu --num_processes 2 -m ldm.train configs/demo/smoke.yaml",
     "train-autoencoder": "ldm train-autoencoder configs/demo/autoencoder-smoke.yaml --output-dir runs/ae\n"
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train-autoencoder", _add_train, _train, "train the KL autoencoder: L1 + KL + PatchGAN (+ LPIPS)"),
         ("train-classifier", _add_train, _train, "train a noise-aware classifier on the latents of a model"),
         ("finetune", _add_train, _train, "fine-tune a model (fully, or LoRA with lora:) and export it to diffusers"),
+        ("eval", _add_eval, _eval, "measure a model on held-out shapes samples: JSON report, plot and grids"),
     ):
         sub = commands.add_parser(name, help=text, description=text, epilog="examples:\n" + EXAMPLES[name],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +110,48 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", required=True, choices=("diffusers", "sd", "folder"), help="output format")
     p.add_argument("--prediction-type", default="epsilon", help="for SD files: epsilon or v (SD 2.x 768-v)")
     p.add_argument("--no-ema", action="store_true", help="for full SD training checkpoints: take the non-EMA weights")
+    p.add_argument("--half", action="store_true", help="store float weights as float16 (and the U-Net's EMA weights "
+                   "as the U-Net, when the source keeps them apart): half the size, for shipping")
+
+
+def _scales(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 1,2,4,7.5") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: numbers >= 0, e.g. 1,2,4,7.5")
+    return values
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    from pipelines.evaluation import EVALUATIONS
+
+    p.add_argument("task", choices=EVALUATIONS, help="what to measure")
+    p.add_argument("-o", "--output", default="eval", help="folder for <task>.json and the pictures (default: %(default)s)")
+    p.add_argument("--model", default=None, help="model to measure (default: the task's demo model)")
+    p.add_argument("--count", type=int, default=300, help="held-out prompts / images / samples (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1000, help="data seed of the held-out set; training uses 0 (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps (default: %(default)s)")
+    p.add_argument("--sampler", default="dpmpp_2m", help="ddpm | ddim | dpmpp_2m | euler | euler_a (default: %(default)s)")
+    p.add_argument("--guidance", type=_scales, default=[1.0, 2.0, 4.0, 7.5, 12.0],
+                   help="text-to-image guidance scales, comma-separated (default: 1,2,4,7.5,12)")
+    p.add_argument("--classifier-scales", type=_scales, default=[0.0, 10.0],
+                   help="classifier guidance scales; 0 is unguided (default: 0,10)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from pipelines.evaluation import run_evaluation
+
+    if args.count < 1:
+        raise ValueError(f"--count={args.count} is not allowed; allowed: an integer >= 1")
+    report = run_evaluation(args.task, args.output, args.model, args.count, args.seed, args.steps, args.sampler,
+                            args.guidance, args.classifier_scales, args.device)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {Path(args.output) / (args.task + '.json')}")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -167,7 +213,12 @@ def _convert(args: argparse.Namespace) -> None:
     options = {"prediction_type": args.prediction_type, "use_ema": not args.no_ema}
     if not Path(args.source).is_file():
         options = {}
-    export_checkpoint(read_checkpoint(args.source, **options), args.target, args.to)
+    checkpoint = read_checkpoint(args.source, **options)
+    if args.half:
+        from ldm.io.checkpoint import half_precision
+
+        checkpoint = half_precision(checkpoint)
+    export_checkpoint(checkpoint, args.target, args.to)
     print(f"wrote {args.target} ({args.to})")
 
 

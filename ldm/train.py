@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ldm.config import config_from_dict
+from ldm.config import ConfigError, config_from_dict
 from ldm.training.config import DataConfig, ModelSpec, TrainConfig, load_train_config
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ TASKS = ("diffusion", "autoencoder", "classifier", "finetune")
 
 def build_dataset(data: DataConfig, task: str = "diffusion") -> Any:
     """The dataset, checked in full (folders: every image opens) before any model is built.
-    The classifier trains on one-object shapes, whose label is the shape."""
+    The classifier always trains on one-object shapes, whose label is the shape."""
     if data.kind == "folder":
         from ldm.data.folder import ImageCaptionFolder
 
@@ -51,7 +51,7 @@ def build_dataset(data: DataConfig, task: str = "diffusion") -> Any:
 
     return ShapesDataset(seed=data.seed, length=data.length, two_object_prob=data.two_object_prob,
                          drop_prob=data.drop_prob, image_size=data.image_size,
-                         kind="one" if task == "classifier" else "any")
+                         kind="one" if task == "classifier" else data.objects)
 
 
 def check_model_spec(spec: ModelSpec, source: str) -> None:
@@ -69,6 +69,10 @@ def check_model_spec(spec: ModelSpec, source: str) -> None:
         config_from_dict(TextEncoderConfig, spec.text_encoder, source, "model.text_encoder.")
     if not spec.autoencoder_from:
         config_from_dict(AutoencoderConfig, spec.vae, source, "model.vae.")
+    elif set(spec.vae) - {"scale_factor"}:
+        extra = ", ".join(sorted(set(spec.vae) - {"scale_factor"}))
+        raise ConfigError(f"{source}: model.vae.{extra} cannot change the autoencoder of model.autoencoder_from; "
+                          "allowed: scale_factor (a number or 'auto')")
 
 
 def build_models(spec: ModelSpec, data: DataConfig) -> Any:
@@ -81,7 +85,12 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Any:
 
     if spec.init_from:
         return load_models(spec.init_from)
-    vae = load_autoencoder(spec.autoencoder_from) if spec.autoencoder_from else AutoencoderKL(AutoencoderConfig(**spec.vae))
+    if spec.autoencoder_from:
+        vae = load_autoencoder(spec.autoencoder_from)
+        if "scale_factor" in spec.vae:
+            vae.config.scale_factor = resolve_scale_factor(spec.vae["scale_factor"], vae, data)
+    else:
+        vae = AutoencoderKL(AutoencoderConfig(**spec.vae))
     text = TextEncoder(TextEncoderConfig(**spec.text_encoder)) if spec.text_encoder is not None else None
     pad = 0 if text is not None and text.config.kind == "openclip" else 49407
     tokenizer = ClipTokenizer(max_length=text.config.max_length, pad_token_id=pad) if text is not None else None
@@ -112,6 +121,23 @@ def run(args: argparse.Namespace) -> None:
         from ldm.training.lora import export_finetuned
 
         export_finetuned(trainer, config.output_dir)
+
+
+def resolve_scale_factor(value: Any, vae: Any, data: DataConfig, count: int = 512) -> float:
+    """``value``, or for "auto" 1/std of the posterior means of the first ``count`` training images."""
+    if value != "auto":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"model.vae.scale_factor={value!r} is not allowed; allowed: a number > 0 or 'auto'")
+        return float(value)
+    from ldm.training.loop import collate
+
+    dataset = build_dataset(data)
+    images = collate([dataset[i] for i in range(min(count, len(dataset)))])["image"]
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(chunk).mean for chunk in images.split(64)])
+    scale = 1.0 / float(latents.std())
+    logger.info("model.vae.scale_factor: auto = 1/std of %d images' latents = %.5f", len(images), scale)
+    return scale
 
 
 def load_autoencoder(path: str) -> Any:

@@ -26,7 +26,8 @@ class SemanticToImagePipeline(Pipeline):
         progress: bool = True,
         callback: Callback | None = None,
     ) -> PipelineOutput:
-        """The output has the map's size; labels must lie in 0..num_classes-1 of the model."""
+        """The output has the map's size; labels must lie in 0..num_classes-1 of the model. A batch
+        of maps (B, H, W) gives one image per map (``num_images_per_prompt`` applies to one map)."""
         concat = self.models.concat or {}
         if concat.get("kind") != "semantic":
             raise ValueError("this model has no semantic-map condition; use a semantic model such as 'demo-semantic'")
@@ -36,7 +37,8 @@ class SemanticToImagePipeline(Pipeline):
         self.latent_shape(1, height, width)  # checks the size
         condition = semantic_condition(labels, int(concat["num_classes"]), (height // f, width // f))
         return self.generate(
-            [prompt], [""], num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
+            [prompt], [""], num_images_per_prompt=labels.shape[0] if labels.shape[0] > 1 else num_images_per_prompt,
+            num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, sampler=sampler, height=height, width=width, seed=seed, latents=None,
             output_type=output_type, progress=progress, callback=callback, concat=condition,
         )

@@ -346,6 +346,13 @@ def _classify(mask: np.ndarray, colour: str, side: int) -> ShapeObject:
     return ShapeObject(shape, colour, size, cell_of(centre, side), centre, (x0, y0, x1, y1))
 
 
+def object_mask(image: np.ndarray, tolerance: float = 60.0) -> np.ndarray:
+    """(S, S) bool: the pixels whose nearest palette colour (within ``tolerance``) is an object colour."""
+    palette = np.array(list(COLOURS.values()) + list(BACKGROUNDS.values()))
+    index = _nearest(image, palette, tolerance)
+    return (index >= 0) & (index < len(COLOURS))
+
+
 def detect_objects(image: np.ndarray, tolerance: float = 60.0, min_area: int | None = None) -> list[ShapeObject]:
     """Objects in a (S, S, 3) uint8 image, largest first: pixels take the nearest palette colour
     within ``tolerance`` (RGB distance), connected components of one object colour smaller than

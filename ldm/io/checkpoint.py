@@ -74,3 +74,16 @@ def write_folder(checkpoint: Checkpoint, path: str | Path) -> None:
     tmp = path / f".{CONFIG_FILE}.tmp"
     save_yaml(checkpoint.config, tmp)
     tmp.replace(path / CONFIG_FILE)
+
+
+def half_precision(checkpoint: Checkpoint) -> Checkpoint:
+    """A copy with float weights in float16 and the U-Net's EMA weights (if kept apart) as the U-Net:
+    the form the demo models ship in (loading casts back to each module's dtype)."""
+    weights = dict(checkpoint.weights)
+    if checkpoint.ema is not None and "unet" in weights:
+        weights["unet"] = checkpoint.ema
+
+    def half(state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+    return Checkpoint(dict(checkpoint.config), {name: half(state) for name, state in weights.items()})

@@ -20,10 +20,13 @@ class DataConfig:
     seed: int = 0  # shapes: the data seed (evaluation uses others)
     two_object_prob: float = 0.3
     drop_prob: float = 0.5  # shapes: chance of dropping each optional caption part
+    objects: str = "any"  # shapes: "any" (one or two by two_object_prob), "one" or "two" objects per image
 
     def __post_init__(self) -> None:
         if self.kind not in ("shapes", "folder"):
             raise ValueError(f"kind={self.kind!r} is not supported; allowed: 'shapes', 'folder'")
+        if self.objects not in ("any", "one", "two"):
+            raise ValueError(f"objects={self.objects!r} is not supported; allowed: 'any', 'one', 'two'")
         if self.kind == "folder" and not self.path:
             raise ValueError("kind='folder' needs path: the folder with metadata.jsonl")
 
@@ -34,6 +37,8 @@ class ModelSpec:
 
     init_from: str | None = None
     autoencoder_from: str | None = None  # take the (frozen) autoencoder of this model
+    # with autoencoder_from, model.vae may hold only {scale_factor: X | "auto"}; "auto" measures 1/std of the
+    # latents of the first 512 training images (as SD's 0.18215 was measured)
     unet: dict[str, Any] = field(default_factory=dict)
     vae: dict[str, Any] = field(default_factory=dict)
     text_encoder: dict[str, Any] | None = field(default_factory=dict)  # None: no text conditioning
