@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.validation import check_choice, check_float, check_int
 
@@ -92,6 +90,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.config = config
         if config.kind == "clip":
+            from transformers import CLIPTextConfig, CLIPTextModel  # here: importing it costs ~1 s
+
             model = CLIPTextModel(CLIPTextConfig(**hf_text_kwargs(config)))
             # transformers >= 5.6 flattened CLIPTextModel; older ones wrap it in `.text_model`.
             self.text_model = getattr(model, "text_model", model)
@@ -100,6 +100,8 @@ class TextEncoder(nn.Module):
 
     def _adopt_open_clip_tower(self, config: TextEncoderConfig) -> None:
         """Build open_clip's text tower and register its parts at top level (SD v2 key layout)."""
+        from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer  # ~4 s to import: only when used
+
         tower = TextTransformer(
             context_length=config.max_length, vocab_size=config.vocab_size, width=config.width,
             heads=config.heads, layers=config.layers, mlp_ratio=config.mlp_ratio, output_dim=config.width,

@@ -8,16 +8,41 @@ SD v2 (open_clip) pads with 0, which is the token ``"!"``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
 from ldm.validation import check_int
 
 logger = logging.getLogger(__name__)
+
+def _open_clip_tokenizer() -> ModuleType:
+    """open_clip's ``tokenizer`` module, loaded from its file without running ``open_clip/__init__``
+    (which imports torchvision and every model: ~4 s of a cold ``ldm generate``)."""
+    if "open_clip.tokenizer" in sys.modules:
+        return sys.modules["open_clip.tokenizer"]
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("open_clip_torch is not installed; it ships the CLIP BPE vocabulary")
+    name = "_ldm_open_clip_tokenizer"
+    if name not in sys.modules:
+        path = Path(spec.submodule_search_locations[0]) / "tokenizer.py"
+        file_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(file_spec)
+        file_spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def default_bpe() -> str:
+    """Path of the CLIP BPE vocabulary file inside open_clip."""
+    return _open_clip_tokenizer().default_bpe()
+
 
 START, END = "<|startoftext|>", "<|endoftext|>"  # transformers' names for open_clip's specials
 _OPEN_CLIP_SPECIALS = {"<start_of_text>": START, "<end_of_text>": END}
@@ -27,7 +52,7 @@ class ClipTokenizer:
     """``ClipTokenizer(max_length=77, pad_token_id=49407)(prompts) -> LongTensor (B, max_length)``."""
 
     def __init__(self, max_length: int = 77, pad_token_id: int = 49407) -> None:
-        self.bpe = SimpleTokenizer(context_length=max_length)
+        self.bpe = _open_clip_tokenizer().SimpleTokenizer(context_length=max_length)
         self.max_length = check_int("max_length", max_length, low=2)
         self.pad_token_id = check_int("pad_token_id", pad_token_id, low=0, high=self.bpe.vocab_size - 1)
         self.start_token_id = self.bpe.sot_token_id  # 49406
