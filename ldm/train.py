@@ -73,6 +73,8 @@ def check_model_spec(spec: ModelSpec, source: str) -> None:
         extra = ", ".join(sorted(set(spec.vae) - {"scale_factor"}))
         raise ConfigError(f"{source}: model.vae.{extra} cannot change the autoencoder of model.autoencoder_from; "
                           "allowed: scale_factor (a number or 'auto')")
+    elif "scale_factor" in spec.vae:
+        check_scale_factor(spec.vae["scale_factor"], source)
 
 
 def build_models(spec: ModelSpec, data: DataConfig) -> Any:
@@ -123,12 +125,18 @@ def run(args: argparse.Namespace) -> None:
         export_finetuned(trainer, config.output_dir)
 
 
+def check_scale_factor(value: Any, source: str) -> float | str:
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{source}: model.vae.scale_factor={value!r} is not allowed; allowed: a number > 0 or 'auto'")
+    return float(value)
+
+
 def resolve_scale_factor(value: Any, vae: Any, data: DataConfig, count: int = 512) -> float:
     """``value``, or for "auto" 1/std of the posterior means of the first ``count`` training images."""
     if value != "auto":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"model.vae.scale_factor={value!r} is not allowed; allowed: a number > 0 or 'auto'")
-        return float(value)
+        return check_scale_factor(value, "config")
     from ldm.training.loop import collate
 
     dataset = build_dataset(data)

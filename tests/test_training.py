@@ -123,6 +123,10 @@ def write_config(tmp_path: Path, text: str) -> str:
         ("data: {kind: folder, path: /nonexistent/folder}\n", "/nonexistent/folder"),
         ("model: {unet: {model_chanels: 32}}\n", "unknown key 'model.unet.model_chanels'"),
         ("data: {kind: video}\n", "kind='video' is not supported; allowed: 'shapes', 'folder'"),
+        ("data: {objects: three}\n", "objects='three' is not supported; allowed: 'any', 'one', 'two'"),
+        ("optim: {decay_steps: 5, max_steps: 3}\n", "decay_steps=5 is out of range; allowed: 0..max_steps (3)"),
+        ("model: {autoencoder_from: ae, vae: {base_channels: 8}}\n", "model.vae.base_channels cannot change"),
+        ("model: {autoencoder_from: ae, vae: {scale_factor: -1}}\n", "model.vae.scale_factor=-1 is not allowed"),
     ],
 )
 def test_configs_are_checked_before_models_are_built(tmp_path: Path, capsys, monkeypatch, text: str, message: str) -> None:
@@ -243,3 +247,31 @@ def test_trainable_autoencoder_encoder(tmp_path: Path) -> None:
     trained = load_state_dict(tmp_path / "model" / "vae.safetensors")
     changed = {k.split(".")[0] for k in initial if not torch.equal(initial[k], trained[k])}
     assert changed == {"encoder", "quant_conv"}  # the decoder gets no gradient from the diffusion loss
+
+
+def test_learning_rate_warms_up_holds_and_decays() -> None:
+    from ldm.training.config import TrainConfig
+    from ldm.training.loop import learning_rate
+
+    config = TrainConfig()
+    config.optim.lr, config.optim.warmup_steps, config.optim.decay_steps, config.optim.max_steps = 1.0, 4, 10, 30
+    rates = [learning_rate(config, step) for step in range(30)]
+    assert rates[:4] == [0.25, 0.5, 0.75, 1.0] and rates[4:20] == [1.0] * 16
+    assert rates[20:] == pytest.approx([(30 - s) / 10 for s in range(20, 30)])  # down to 1/10 at the last step
+
+
+def test_scale_factor_auto_is_one_over_the_latent_std(tmp_path: Path) -> None:
+    from autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldm.data.shapes import ShapesDataset
+    from ldm.train import resolve_scale_factor
+    from ldm.training.config import DataConfig
+    from ldm.training.loop import collate
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)).eval()
+    data = DataConfig(image_size=32, length=40, seed=3)
+    images = collate([ShapesDataset(seed=3, length=40, image_size=32)[i] for i in range(40)])["image"]
+    with torch.no_grad():
+        expected = 1 / float(vae.encode(images).mean.std())
+    assert resolve_scale_factor("auto", vae, data, count=40) == pytest.approx(expected, rel=1e-5)
+    assert resolve_scale_factor(0.5, vae, data) == 0.5

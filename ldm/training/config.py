@@ -55,6 +55,7 @@ class OptimConfig:
     betas: tuple[float, ...] = (0.9, 0.999)
     weight_decay: float = 0.01
     warmup_steps: int = 0
+    decay_steps: int = 0  # the last decay_steps of max_steps decay the rate linearly to 0 (warm-up, stable, decay)
     max_steps: int = 1000
     batch_size: int = 16  # per process
     grad_accum: int = 1
@@ -67,6 +68,8 @@ class OptimConfig:
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range; allowed: an integer >= 1")
+        if not 0 <= self.decay_steps <= self.max_steps:
+            raise ValueError(f"decay_steps={self.decay_steps!r} is out of range; allowed: 0..max_steps ({self.max_steps})")
 
 
 @dataclass

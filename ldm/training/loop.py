@@ -79,9 +79,13 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up to ``optim.lr`` over ``warmup_steps``, then constant."""
-    warmup = config.optim.warmup_steps
-    return config.optim.lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    """Linear warm-up to ``optim.lr`` over ``warmup_steps``, constant, then (with ``decay_steps``)
+    linear decay towards 0 over the last ``decay_steps`` of ``max_steps``."""
+    o = config.optim
+    rate = o.lr * (min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
+    if o.decay_steps:
+        rate *= min(1.0, (o.max_steps - step) / o.decay_steps)
+    return rate
 
 
 class LatentCache:
