@@ -144,12 +144,13 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 def _eval(args: argparse.Namespace) -> None:
     import json
 
-    from pipelines.evaluation import run_evaluation
+    from pipelines.evaluation import EvalOptions, run_evaluation
 
     if args.count < 1:
         raise ValueError(f"--count={args.count} is not allowed; allowed: an integer >= 1")
-    report = run_evaluation(args.task, args.output, args.model, args.count, args.seed, args.steps, args.sampler,
-                            args.guidance, args.classifier_scales, args.device)
+    options = EvalOptions(args.count, args.seed, args.steps, args.sampler, args.guidance, args.classifier_scales,
+                          args.device)
+    report = run_evaluation(args.task, args.output, args.model, options)
     print(json.dumps(report, indent=2))
     print(f"wrote {Path(args.output) / (args.task + '.json')}")
 

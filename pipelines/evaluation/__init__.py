@@ -5,6 +5,6 @@ Each evaluation draws its prompts, images and maps from a data seed the training
 outputs with the domain's own detector (``ldm.data.shapes.detect_objects``)."""
 
 from pipelines.evaluation.adherence import score_adherence, summarize_adherence
-from pipelines.evaluation.runner import EVALUATIONS, run_evaluation
+from pipelines.evaluation.runner import EVALUATIONS, EvalOptions, run_evaluation
 
-__all__ = ["EVALUATIONS", "run_evaluation", "score_adherence", "summarize_adherence"]
+__all__ = ["EVALUATIONS", "EvalOptions", "run_evaluation", "score_adherence", "summarize_adherence"]

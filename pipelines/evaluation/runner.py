@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,73 +18,81 @@ DEFAULT_MODELS = {"text-to-image": "demo", "super-resolution": "demo-sr", "seman
                   "classifier": "demo-classifier"}
 
 
-def run_evaluation(task: str, output: str | Path, model: str | None = None, count: int = 300, seed: int = 1000,
-                   steps: int = 25, sampler: str = "dpmpp_2m", guidance: list[float] | None = None,
-                   classifier_scales: list[float] | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Evaluate ``model`` (default: the task's demo model) on ``count`` held-out samples of data
-    seed ``seed``; writes ``<task>.json`` and pictures into ``output`` and returns the report."""
+@dataclass
+class EvalOptions:
+    count: int = 300  # held-out prompts / images / samples
+    seed: int = 1000  # data seed (training uses 0); SR and semantic add 1 and 2
+    steps: int = 25
+    sampler: str = "dpmpp_2m"
+    guidance: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 7.5, 12.0])
+    classifier_scales: list[float] = field(default_factory=lambda: [0.0, 10.0])
+    device: str = "cpu"
+
+
+def run_evaluation(task: str, output: str | Path, model: str | None = None,
+                   options: EvalOptions | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` (default: the task's demo model) on held-out samples; writes
+    ``<task>.json`` and pictures into ``output`` and returns the report."""
     if task not in EVALUATIONS:
         raise ValueError(f"task={task!r} is not supported; allowed: {', '.join(EVALUATIONS)}")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     model = model or DEFAULT_MODELS[task]
-    report = {"task": task, "model": model, **_RUNNERS[task](out, model, count, seed, steps, sampler,
-                                                             guidance or [1.0, 2.0, 4.0, 7.5, 12.0],
-                                                             classifier_scales or [0.0, 10.0], device)}
+    report = {"task": task, "model": model, **_RUNNERS[task](out, model, options or EvalOptions())}
     write_json(report, out / f"{task}.json")
     logger.info("wrote %s", out / f"{task}.json")
     return report
 
 
-def _text_to_image(out: Path, model: str, count: int, seed: int, steps: int, sampler: str, guidance: list[float],
-                   _: list[float], device: str) -> dict[str, Any]:
+def _text_to_image(out: Path, model: str, o: EvalOptions) -> dict[str, Any]:
     from pipelines import TextToImagePipeline
     from pipelines.evaluation.text_to_image import evaluate_text_to_image
 
-    pipe = TextToImagePipeline.from_pretrained(model, device=device)
-    report, extra = evaluate_text_to_image(pipe, count, seed, guidance, steps, sampler)
+    pipe = TextToImagePipeline.from_pretrained(model, device=o.device)
+    report, extra = evaluate_text_to_image(pipe, o.count, o.seed, o.guidance, o.steps, o.sampler)
     plot_adherence(report, out / "text-to-image-adherence.png")
-    rows = [extra["images"][scale][:12] for scale in guidance]  # a row per guidance scale, the same 12 prompts
+    rows = [extra["images"][scale][:12] for scale in o.guidance]  # a row per guidance scale, the same 12 prompts
     image_grid(rows).save(out / "text-to-image-grid.png")
-    (out / "text-to-image-grid.txt").write_text(
-        f"rows: guidance {', '.join(f'{s:g}' for s in guidance)}; columns: prompts\n" + "\n".join(extra["prompts"][:12]) + "\n")
+    scales = ", ".join(f"{s:g}" for s in o.guidance)
+    (out / "text-to-image-grid.txt").write_text(f"rows: guidance {scales}; columns: prompts\n"
+                                                + "\n".join(extra["prompts"][:12]) + "\n")
     return report
 
 
-def _super_resolution(out: Path, model: str, count: int, seed: int, steps: int, sampler: str, *_: Any) -> dict[str, Any]:
+def _super_resolution(out: Path, model: str, o: EvalOptions) -> dict[str, Any]:
     from pipelines import SuperResolutionPipeline
     from pipelines.evaluation.spatial import evaluate_super_resolution
 
-    pipe = SuperResolutionPipeline.from_pretrained(model, device=_[-1])
-    report, extra = evaluate_super_resolution(pipe, count, seed + 1, steps, sampler)
+    pipe = SuperResolutionPipeline.from_pretrained(model, device=o.device)
+    report, extra = evaluate_super_resolution(pipe, o.count, o.seed + 1, o.steps, o.sampler)
     side = extra["target"].shape[-1]
-    low = [np.kron(im, np.ones((side // im.shape[0], side // im.shape[1], 1), dtype=np.uint8)) for im in to_uint8(extra["low"][:8])]
+    low = [np.kron(im, np.ones((side // im.shape[0], side // im.shape[1], 1), dtype=np.uint8))
+           for im in to_uint8(extra["low"][:8])]
     rows = [low, to_uint8(extra["bicubic"][:8]), to_uint8(extra["output"][:8]), to_uint8(extra["target"][:8])]
     image_grid(rows).save(out / "super-resolution-grid.png")  # rows: input (nearest), bicubic, model, original
     return report
 
 
-def _semantic(out: Path, model: str, count: int, seed: int, steps: int, sampler: str, *_: Any) -> dict[str, Any]:
+def _semantic(out: Path, model: str, o: EvalOptions) -> dict[str, Any]:
     from pipelines import SemanticToImagePipeline
     from pipelines.evaluation.spatial import evaluate_semantic
 
-    pipe = SemanticToImagePipeline.from_pretrained(model, device=_[-1])
-    report, extra = evaluate_semantic(pipe, count, seed + 2, steps, sampler)
+    pipe = SemanticToImagePipeline.from_pretrained(model, device=o.device)
+    report, extra = evaluate_semantic(pipe, o.count, o.seed + 2, o.steps, o.sampler)
     palette = np.array([[255, 255, 255], [220, 30, 30], [30, 170, 50], [30, 70, 220]], dtype=np.uint8)
     maps = [palette[s.semantic] for s in extra["samples"][:8]]
     image_grid([maps, extra["images"][:8]]).save(out / "semantic-grid.png")  # rows: map, output
     return report
 
 
-def _classifier(out: Path, model: str, count: int, seed: int, steps: int, sampler: str, _g: list[float],
-                scales: list[float], device: str) -> dict[str, Any]:
+def _classifier(out: Path, model: str, o: EvalOptions) -> dict[str, Any]:
     from pipelines import ClassifierGuidedPipeline
     from pipelines.evaluation.classifier import evaluate_classifier_guidance
 
-    pipe = ClassifierGuidedPipeline.from_pretrained(model, device=device)
-    report, extra = evaluate_classifier_guidance(pipe, count, seed, scales, steps, sampler)
-    per = extra["per_class"]
-    rows = [[im for c in range(len(extra["names"])) for im in extra["images"][s][c * per:c * per + 4]] for s in scales]
+    pipe = ClassifierGuidedPipeline.from_pretrained(model, device=o.device)
+    report, extra = evaluate_classifier_guidance(pipe, o.count, o.seed, o.classifier_scales, o.steps, o.sampler)
+    per, names = extra["per_class"], extra["names"]
+    rows = [[im for c in range(len(names)) for im in extra["images"][s][c * per:c * per + 4]] for s in o.classifier_scales]
     image_grid(rows).save(out / "classifier-grid.png")  # a row per scale; 4 columns per target class
     return report
 
