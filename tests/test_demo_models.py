@@ -15,11 +15,13 @@ import torch
 from PIL import Image
 
 from ldm.cli import main
-from ldm.data.shapes import detect_objects, make_sample
+from ldm.data.shapes import make_sample
 from pipelines import ClassifierGuidedPipeline, SemanticToImagePipeline, SuperResolutionPipeline, TextToImagePipeline
 from pipelines.base import DEMO_MODELS
 from pipelines.evaluation import score_adherence, summarize_adherence
+from pipelines.evaluation.classifier import evaluate_classifier_guidance
 from pipelines.evaluation.spatial import evaluate_semantic, evaluate_super_resolution
+from pipelines.evaluation.text_to_image import generate_batches
 
 WEIGHTS = Path(str(resources.files("pipelines") / "weights"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +55,8 @@ def test_readme_main_command_draws_the_prompt(tmp_path: Path, capsys) -> None:
 def test_demo_text_to_image_follows_held_out_prompts() -> None:
     pipe = TextToImagePipeline.from_pretrained("demo")
     prompts = [s.caption for s in (make_sample(2000, i, 0.0) for i in range(32))]
-    images = np.round(pipe(prompts, guidance_scale=7.5, seed=0, output_type="np", progress=False).images * 255)
-    summary = summarize_adherence([score_adherence(p, im.astype(np.uint8)) for p, im in zip(prompts, images)])
+    images = generate_batches(pipe, prompts, 7.5, 25, "dpmpp_2m", seed=0, batch_size=32)
+    summary = summarize_adherence([score_adherence(p, im) for p, im in zip(prompts, images)])
     # measured 2026-12-01: colour 0.97, shape 0.72, size 1.0 (positions: 0.0, not learned yet)
     assert summary["colour"] >= 0.85 and summary["shape"] >= 0.5 and summary["size"] >= 0.8, summary
 
@@ -71,19 +73,10 @@ def test_demo_semantic_model_follows_the_map() -> None:
     assert report["foreground_iou"] >= 0.85 and report["region_class_accuracy"] >= 0.6, report
 
 
-def shape_hits(pipe: ClassifierGuidedPipeline, scale: float) -> float:
-    hits = []
-    for name in pipe.models.class_names:
-        out = pipe(name, classifier_scale=scale, num_images_per_prompt=4, seed=3, output_type="np", progress=False)
-        for image in np.round(out.images * 255).astype(np.uint8):
-            found = detect_objects(image)
-            hits.append(bool(found) and found[0].shape == name)
-    return float(np.mean(hits))
-
-
 def test_demo_classifier_steers_the_shape() -> None:
     pipe = ClassifierGuidedPipeline.from_pretrained("demo-classifier")
-    unguided, guided = shape_hits(pipe, 0.0), shape_hits(pipe, 30.0)  # measured: 0.33, 0.75
+    report, _ = evaluate_classifier_guidance(pipe, 12, 3, [0.0, 30.0], 25, "dpmpp_2m")
+    unguided, guided = (report["by_scale"][k]["target_accuracy"] for k in ("0.0", "30.0"))  # measured: 0.50, 0.83
     assert guided >= 0.6 and guided >= unguided + 0.25, (unguided, guided)
 
 
