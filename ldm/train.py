@@ -86,7 +86,14 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Any:
     from pipelines import Models, load_models
 
     if spec.init_from:
-        return load_models(spec.init_from)
+        models = load_models(spec.init_from)
+        if spec.unet:  # the loaded U-Net with more inputs (coordinate maps, concat channels)
+            from ldm.config import config_to_dict
+            from ldm.modules.unet import widen_inputs
+
+            fields = {**config_to_dict(models.unet.config), **spec.unet}
+            models.unet = widen_inputs(models.unet, config_from_dict(UNetConfig, fields, spec.init_from, "model.unet."))
+        return models
     if spec.autoencoder_from:
         vae = load_autoencoder(spec.autoencoder_from)
         if "scale_factor" in spec.vae:

@@ -275,3 +275,22 @@ def test_scale_factor_auto_is_one_over_the_latent_std(tmp_path: Path) -> None:
         expected = 1 / float(vae.encode(images).mean.std())
     assert resolve_scale_factor("auto", vae, data, count=40) == pytest.approx(expected, rel=1e-5)
     assert resolve_scale_factor(0.5, vae, data) == 0.5
+
+
+def test_init_from_with_more_unet_inputs_starts_from_the_trained_function(learned_diffusion: Path, tmp_path: Path) -> None:
+    from pipelines import load_models
+
+    out = tmp_path / "coords"
+    subprocess.run(train_command(out) + ["--max-steps", "1", "--set", f"model.init_from={learned_diffusion / 'model'}",
+                                         "--set", "model.unet.coordinate_channels=true", "--set", "optim.lr=0"],
+                   check=True, env=ENV, capture_output=True, cwd=ROOT)
+    # init_from starts from the model's EMA weights, as sampling does; lr 0 keeps them
+    before, after = load_models(learned_diffusion / "model"), load_models(out / "model", use_ema=False)
+    assert after.unet.config.coordinate_channels and not before.unet.config.coordinate_channels
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, before.unet.config.context_dim)
+    with torch.no_grad():  # only the zero-initialised coordinate inputs are new, so the function is unchanged
+        assert torch.allclose(before.unet(x, 300, context), after.unet(x, 300, context), atol=1e-5)
+    bad = subprocess.run(train_command(tmp_path / "bad") + ["--set", f"model.init_from={learned_diffusion / 'model'}",
+                                                           "--set", "model.unet.num_res_blocks=3"],
+                         env=ENV, capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "['num_res_blocks'] differ from the trained model's" in bad.stderr

@@ -4,6 +4,7 @@ The diffusers model goes through its own ``save_pretrained`` folder (config.json
 and our conversion; the original key layout is checked against diffusers' single-file converter;
 the full-size SD v1.5 / v2 layouts are checked key by key on the meta device."""
 
+import dataclasses
 import json
 
 import pytest
@@ -20,6 +21,7 @@ from ldm.io.unet_keys import (
     unet_original_to_diffusers,
 )
 from ldm.modules import UNet, UNetConfig, timestep_embedding
+from ldm.modules.unet import coordinate_maps, widen_inputs
 
 TOL = 1e-4
 TINY = {  # SD v1 layout at reduced width
@@ -229,3 +231,39 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         model(**inputs(config, size=(8, 8))).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_coordinate_maps_are_pixel_centres_in_minus_one_to_one() -> None:
+    x = torch.zeros(2, 4, 3, 5)
+    maps = coordinate_maps(x)  # (2, 2, 3, 5): channel 0 = column, channel 1 = row
+    assert maps.shape == (2, 2, 3, 5)
+    assert torch.allclose(maps[0, 0, 0], torch.tensor([-0.8, -0.4, 0.0, 0.4, 0.8]))  # (j + 0.5) · 2/5 - 1
+    assert torch.allclose(maps[1, 1, :, 2], torch.tensor([-2 / 3, 0.0, 2 / 3]))
+    assert torch.equal(maps[:, 0], maps[:, 0, :1].expand(2, 3, 5))  # a column map is constant down each column
+
+
+def test_coordinate_channels_make_the_net_position_aware_and_are_refused_by_foreign_formats() -> None:
+    config = UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                        num_heads=2, context_dim=16, norm_groups=16, coordinate_channels=True)
+    model = perturbed(UNet(config)).eval()
+    plain = UNet(dataclasses.replace(config, in_channels=6, coordinate_channels=False)).eval()
+    plain.load_state_dict(model.state_dict())  # the same weights: conv_in takes 4 latent channels + x and y maps
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(x, 500, context), plain(torch.cat([x, coordinate_maps(x)], 1), 500, context))
+    with pytest.raises(ValueError, match="coordinate_channels=True is not supported by diffusers"):
+        unet_config_to_diffusers(config)
+
+
+def test_widen_inputs_keeps_the_function_and_refuses_other_changes() -> None:
+    config = unet_config_from_diffusers(TINY | VARIANTS["inpaint"])
+    model = perturbed(UNet(config)).eval()
+    args = inputs(config, batch=2)
+    wide = widen_inputs(model, dataclasses.replace(config, in_channels=11, coordinate_channels=True)).eval()
+    extra = torch.randn(2, 2, *args["x"].shape[-2:])
+    with torch.no_grad():  # the new inputs start with zero weights: the same outputs whatever they hold
+        assert torch.allclose(model(**args), wide(torch.cat([args["x"], extra], 1), args["t"], args["context"]), atol=1e-6)
+    with pytest.raises(ValueError, match=r"\['model_channels'\] differ"):
+        widen_inputs(model, dataclasses.replace(config, model_channels=64))
+    with pytest.raises(ValueError, match="would drop inputs"):
+        widen_inputs(model, dataclasses.replace(config, in_channels=4))

@@ -120,6 +120,9 @@ def read_single_file(
 def write_single_file(checkpoint: Checkpoint, path: str | Path) -> None:
     """Write the original single-file layout (safetensors). A diffusers-style SD v2 text encoder
     (transformers layout with GELU) is written in open_clip's layout, as SD v2 files hold it."""
+    if checkpoint.config["unet"].get("coordinate_channels"):
+        raise ValueError("unet coordinate_channels=True cannot be written as an SD single file (its loaders would "
+                         "read conv_in as in_channels + 2 data channels); allowed: the ldm folder format")
     text_cfg = checkpoint.config["text_encoder"]
     text = checkpoint.weights["text_encoder"]
     kind = text_cfg["kind"]

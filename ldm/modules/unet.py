@@ -27,6 +27,11 @@ class UNetConfig:
     ``attention_levels`` are the indices into ``channel_mult`` whose blocks get a transformer
     (the middle block always has one). Exactly one of ``num_heads`` (SD v1: 8) and ``head_dim``
     (SD v2: 64) is set. ``in_channels`` > 4 means concat conditioning (inpainting: 9).
+
+    ``coordinate_channels`` (not in SD) appends two fixed maps, x and y in [-1, 1], to the input so that
+    every layer can know absolute position (CoordConv, Liu et al. 2018): a plain U-Net sees position only
+    through zero padding and learns "top left" poorly. ``conv_in`` then takes ``in_channels + 2``; the
+    other keys and shapes are SD's, but neither diffusers nor an SD single file can express it.
     """
 
     in_channels: int = 4
@@ -42,6 +47,7 @@ class UNetConfig:
     use_linear_projection: bool = False
     num_classes: int | None = None
     norm_groups: int = 32
+    coordinate_channels: bool = False
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -50,7 +56,7 @@ class UNetConfig:
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "context_dim",
                      "transformer_depth", "norm_groups"):
             check_int(name, getattr(self, name), 1)
-        for name in ("use_linear_projection", "gradient_checkpointing"):
+        for name in ("use_linear_projection", "coordinate_channels", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         if self.num_classes is not None:
@@ -105,6 +111,16 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def coordinate_maps(x: Tensor) -> Tensor:
+    """Two maps (B, 2, H, W) of x's batch, size, dtype and device: the column and the row of each pixel's
+    centre, scaled to [-1, 1] (left/top edge -1, right/bottom edge +1)."""
+    batch, _, height, width = x.shape
+    cols = (torch.arange(width, device=x.device, dtype=x.dtype) + 0.5) * (2 / width) - 1
+    rows = (torch.arange(height, device=x.device, dtype=x.dtype) + 0.5) * (2 / height) - 1
+    grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"))
+    return grid.unsqueeze(0).expand(batch, -1, -1, -1)
+
+
 class TimestepEmbedSequential(nn.Sequential):
     """A block of the U-Net: passes the time embedding to ResBlocks and the context to transformers."""
 
@@ -150,7 +166,8 @@ class UNet(nn.Module):
         """conv_in, then per level num_res_blocks × (ResBlock[, transformer]) and a Downsample
         (none after the last level); also the channels of every block's output, the skips."""
         c = self.config
-        blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
+        conv_in = nn.Conv2d(c.in_channels + 2 * c.coordinate_channels, c.model_channels, 3, padding=1)
+        blocks = nn.ModuleList([TimestepEmbedSequential(conv_in)])
         skip_channels = [c.model_channels]
         for level, channels in enumerate(c.level_channels):
             for _ in range(c.num_res_blocks):
@@ -226,6 +243,8 @@ class UNet(nn.Module):
             raise ValueError(f"context has shape {got}; expected (B, L, {self.config.context_dim})")
         emb = self.embed(x, t, y)
         h, context, skips = x.to(emb.dtype), context.to(emb.dtype), []
+        if self.config.coordinate_channels:
+            h = torch.cat([h, coordinate_maps(h)], dim=1)
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)
             skips.append(h)
@@ -235,3 +254,30 @@ class UNet(nn.Module):
             size = skips[-1].shape[-2:] if skips else None  # the next skip's size: odd sizes round-trip
             h = self._run(block, h, emb, context, size)
         return self.out(h)
+
+
+def widen_inputs(unet: UNet, config: UNetConfig) -> UNet:
+    """A U-Net of ``config`` that computes what ``unet`` does: ``config`` may differ from ``unet.config`` only by
+    more inputs (a larger ``in_channels``, ``coordinate_channels`` turned on). ``conv_in`` keeps its weights for
+    the old inputs and starts at zero for the new ones (as SD inpainting models grow from 4 to 9 inputs), so
+    fine-tuning starts from the trained model instead of from scratch."""
+    old = unet.config
+    changed = {k for k in vars(config) if getattr(config, k) != getattr(old, k)} - {"in_channels", "coordinate_channels"}
+    if changed:
+        raise ValueError(f"U-Net fields {sorted(changed)} differ from the trained model's; allowed to change: "
+                         "in_channels (to more) and coordinate_channels (to true)")
+    if config.in_channels < old.in_channels or (old.coordinate_channels and not config.coordinate_channels):
+        raise ValueError(f"in_channels={config.in_channels}, coordinate_channels={config.coordinate_channels} would "
+                         f"drop inputs of the trained model (in_channels={old.in_channels}, "
+                         f"coordinate_channels={old.coordinate_channels}); allowed: only more inputs")
+    state = unet.state_dict()
+    key = "input_blocks.0.0.weight"
+    weight = state[key]  # (C_out, C_in_old, 3, 3)
+    grown = weight.new_zeros(weight.shape[0], config.in_channels + 2 * config.coordinate_channels, *weight.shape[2:])
+    grown[:, : old.in_channels] = weight[:, : old.in_channels]
+    if old.coordinate_channels:
+        grown[:, config.in_channels:] = weight[:, old.in_channels:]
+    state[key] = grown
+    wide = UNet(config)
+    wide.load_state_dict(state)
+    return wide.train(unet.training)
