@@ -86,13 +86,16 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Any:
     from pipelines import Models, load_models
 
     if spec.init_from:
+        from ldm.config import config_to_dict
+        from ldm.modules.unet import widen_inputs
+
         models = load_models(spec.init_from)
         if spec.unet:  # the loaded U-Net with more inputs (coordinate maps, concat channels)
-            from ldm.config import config_to_dict
-            from ldm.modules.unet import widen_inputs
-
             fields = {**config_to_dict(models.unet.config), **spec.unet}
             models.unet = widen_inputs(models.unet, config_from_dict(UNetConfig, fields, spec.init_from, "model.unet."))
+        if spec.schedule:  # fine-tune to another noise schedule (as Lin et al. 2023 moved SD to zero terminal SNR)
+            fields = {**config_to_dict(models.schedule), **spec.schedule}
+            models.schedule = config_from_dict(ScheduleConfig, fields, spec.init_from, "model.schedule.")
         return models
     if spec.autoencoder_from:
         vae = load_autoencoder(spec.autoencoder_from)

@@ -277,16 +277,19 @@ def test_scale_factor_auto_is_one_over_the_latent_std(tmp_path: Path) -> None:
     assert resolve_scale_factor(0.5, vae, data) == 0.5
 
 
-def test_init_from_with_more_unet_inputs_starts_from_the_trained_function(learned_diffusion: Path, tmp_path: Path) -> None:
+def test_init_from_may_add_unet_inputs_and_change_the_schedule(learned_diffusion: Path, tmp_path: Path) -> None:
     from pipelines import load_models
 
     out = tmp_path / "coords"
     subprocess.run(train_command(out) + ["--max-steps", "1", "--set", f"model.init_from={learned_diffusion / 'model'}",
-                                         "--set", "model.unet.coordinate_channels=true", "--set", "optim.lr=0"],
+                                         "--set", "model.unet.coordinate_channels=true", "--set", "optim.lr=0",
+                                         "--set", "model.schedule.beta_schedule=linear", "--set", "model.schedule.beta_end=0.02"],
                    check=True, env=ENV, capture_output=True, cwd=ROOT)
     # init_from starts from the model's EMA weights, as sampling does; lr 0 keeps them
     before, after = load_models(learned_diffusion / "model"), load_models(out / "model", use_ema=False)
     assert after.unet.config.coordinate_channels and not before.unet.config.coordinate_channels
+    assert (after.schedule.beta_schedule, after.schedule.beta_end) == ("linear", 0.02)  # fine-tuned to a new schedule
+    assert after.schedule.prediction_type == before.schedule.prediction_type  # the fields not set are kept
     x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, before.unet.config.context_dim)
     with torch.no_grad():  # only the zero-initialised coordinate inputs are new, so the function is unchanged
         assert torch.allclose(before.unet(x, 300, context), after.unet(x, 300, context), atol=1e-5)
