@@ -33,7 +33,9 @@ class DataConfig:
 
 @dataclass
 class ModelSpec:
-    """Start from ``init_from`` (any model format), or build from the component configs."""
+    """Start from ``init_from`` (any model format), or build from the component configs. With ``init_from``,
+    ``unet`` may add inputs (``coordinate_channels``, a larger ``in_channels``: ``widen_inputs``) and
+    ``schedule`` fields replace the loaded model's; the other component configs are not used."""
 
     init_from: str | None = None
     autoencoder_from: str | None = None  # take the (frozen) autoencoder of this model
