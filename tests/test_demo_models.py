@@ -69,8 +69,8 @@ def test_demo_super_resolution_beats_bicubic() -> None:
 
 def test_demo_semantic_model_follows_the_map() -> None:
     report, _ = evaluate_semantic(SemanticToImagePipeline.from_pretrained("demo-semantic"), 16, 2002, 25, "dpmpp_2m")
-    # measured: IoU 0.90, region class 0.82 (22 regions)
-    assert report["foreground_iou"] >= 0.85 and report["region_class_accuracy"] >= 0.6, report
+    # measured 2026-12-01 (after 3 × 3600 more steps): IoU 0.97, region class 1.0 (22 regions)
+    assert report["foreground_iou"] >= 0.9 and report["region_class_accuracy"] >= 0.8, report
 
 
 def test_demo_classifier_steers_the_shape() -> None:
