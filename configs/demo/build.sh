@@ -6,6 +6,8 @@
 # autoencoder first; the classifier needs the unconditional model it guides (trained by its step).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# Continued training of a finished model: a fresh optimizer, 20000 samples of the stream (latents cached sooner).
+MORE="--set optim.max_steps=3600 --set optim.lr=5e-4 --set optim.decay_steps=1200 --set data.length=20000"
 step() {
   case "$1" in
     autoencoder) ldm train-autoencoder configs/demo/autoencoder.yaml ;;
@@ -14,11 +16,21 @@ step() {
       ldm convert runs/demo/text-to-image/model pipelines/weights/demo --to folder --half ;;
     super-resolution) ldm train configs/demo/super-resolution.yaml
       ldm convert runs/demo/super-resolution/model pipelines/weights/demo-sr --to folder --half ;;
-    semantic) ldm train configs/demo/semantic.yaml
-      ldm convert runs/demo/semantic/model pipelines/weights/demo-semantic --to folder --half ;;
-    classifier) ldm train configs/demo/unconditional.yaml
+    semantic) ldm train configs/demo/semantic.yaml   # 2400 steps, then 3 × 3600 more on data seeds 0, 1, 2:
+      ldm train configs/demo/semantic.yaml $MORE --set model.init_from=runs/demo/semantic/model \
+        --output-dir runs/demo/semantic-2
+      ldm train configs/demo/semantic.yaml $MORE --set model.init_from=runs/demo/semantic-2/model \
+        --output-dir runs/demo/semantic-3 --set data.seed=1
+      ldm train configs/demo/semantic.yaml $MORE --set model.init_from=runs/demo/semantic-3/model \
+        --output-dir runs/demo/semantic-4 --set data.seed=2
+      ldm convert runs/demo/semantic-4/model pipelines/weights/demo-semantic --to folder --half ;;
+    classifier) ldm train configs/demo/unconditional.yaml   # 2400 steps; the classifier trains on its latents
       ldm train-classifier configs/demo/classifier.yaml
-      ldm convert runs/demo/classifier/model pipelines/weights/demo-classifier --to folder --half ;;
+      ldm train configs/demo/unconditional.yaml $MORE --set model.init_from=runs/demo/classifier/model \
+        --output-dir runs/demo/unconditional-2   # 2 × 3600 more U-Net steps; the classifier rides along unchanged
+      ldm train configs/demo/unconditional.yaml $MORE --set model.init_from=runs/demo/unconditional-2/model \
+        --output-dir runs/demo/unconditional-3 --set data.seed=1
+      ldm convert runs/demo/unconditional-3/model pipelines/weights/demo-classifier --to folder --half ;;
     *) echo "build.sh: unknown model '$1'; allowed: autoencoder text-to-image super-resolution semantic classifier" >&2
        exit 2 ;;
   esac
