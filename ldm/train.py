@@ -89,13 +89,14 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Any:
         from ldm.config import config_to_dict
         from ldm.modules.unet import widen_inputs
 
+        def updated(cls: type, loaded: Any, changes: dict[str, Any], prefix: str) -> Any:
+            return config_from_dict(cls, {**config_to_dict(loaded), **changes}, spec.init_from, prefix)
+
         models = load_models(spec.init_from)
         if spec.unet:  # the loaded U-Net with more inputs (coordinate maps, concat channels)
-            fields = {**config_to_dict(models.unet.config), **spec.unet}
-            models.unet = widen_inputs(models.unet, config_from_dict(UNetConfig, fields, spec.init_from, "model.unet."))
+            models.unet = widen_inputs(models.unet, updated(UNetConfig, models.unet.config, spec.unet, "model.unet."))
         if spec.schedule:  # fine-tune to another noise schedule (as Lin et al. 2023 moved SD to zero terminal SNR)
-            fields = {**config_to_dict(models.schedule), **spec.schedule}
-            models.schedule = config_from_dict(ScheduleConfig, fields, spec.init_from, "model.schedule.")
+            models.schedule = updated(ScheduleConfig, models.schedule, spec.schedule, "model.schedule.")
         return models
     if spec.autoencoder_from:
         vae = load_autoencoder(spec.autoencoder_from)
