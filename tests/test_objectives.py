@@ -70,3 +70,21 @@ def test_condition_dropout_rate_and_rows() -> None:
     again = drop_conditions(cond, null, 0.1, torch.Generator().manual_seed(1))
     assert torch.equal(out, again)
     assert torch.equal(drop_conditions(cond, null, 0.0), cond)
+
+
+def test_timestep_bias_draws_its_portion_from_the_late_range() -> None:
+    seen: list[torch.Tensor] = []
+
+    def record(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(t)
+        return torch.zeros_like(x_t)
+
+    x0 = torch.zeros(4000, 1, 2, 2)
+    diffusion_loss(record, x0, SCHEDULE, generator=torch.Generator().manual_seed(0),
+                   timestep_bias_portion=0.25, timestep_bias_begin=800)
+    t = seen[0]
+    assert t[:1000].min() >= 800 and t[:1000].float().mean() == pytest.approx(899.5, abs=5)  # uniform on [800, 999]
+    assert t[1000:].float().mean() == pytest.approx(499.5, abs=15)  # the rest uniform on [0, 999]
+    assert (t >= 800).float().mean().item() == pytest.approx(0.25 + 0.75 * 0.2, abs=0.02)
+    with pytest.raises(ValueError, match="timestep_bias_begin=1000 is out of range"):
+        diffusion_loss(record, x0, SCHEDULE, timestep_bias_portion=0.5, timestep_bias_begin=1000)

@@ -255,6 +255,31 @@ def test_coordinate_channels_make_the_net_position_aware_and_are_refused_by_fore
         unet_config_to_diffusers(config)
 
 
+def test_layout_channels_feed_conv_in_a_linear_read_of_the_prompt() -> None:
+    config = UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                        num_heads=2, context_dim=16, norm_groups=16, layout_channels=3, layout_size=2)
+    model = perturbed(UNet(config)).eval()
+    context = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        maps = model.layout_maps(context, (4, 4))
+        coarse = torch.stack([torch.stack([model.layout.weight @ token + model.layout.bias for token in prompt]).max(0)
+                              .values for prompt in context]).view(2, 3, 2, 2)
+    # bilinear 2 → 4 without corner alignment: the corner pixels keep the coarse values, the inner ones blend 3:1
+    assert torch.allclose(maps[..., 0, 0], coarse[..., 0, 0], atol=1e-6)
+    assert torch.allclose(maps[..., 1, 1], (9 * coarse[..., 0, 0] + 3 * coarse[..., 0, 1] + 3 * coarse[..., 1, 0]
+                                            + coarse[..., 1, 1]) / 16, atol=1e-6)
+    plain = UNet(dataclasses.replace(config, in_channels=7, layout_channels=0)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("layout.")})
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():  # the same net as one fed [x; the maps] as data channels
+        assert torch.allclose(model(x, 500, context), plain(torch.cat([x, model.layout_maps(context, (8, 8))], 1),
+                                                            500, context), atol=1e-5)
+    with pytest.raises(ValueError, match="layout_channels=3 is not supported by diffusers"):
+        unet_config_to_diffusers(config)
+    with pytest.raises(ValueError, match="layout_channels=-1 is out of range; allowed: an integer >= 0"):
+        dataclasses.replace(config, layout_channels=-1)
+
+
 def test_widen_inputs_keeps_the_function_and_refuses_other_changes() -> None:
     config = unet_config_from_diffusers(TINY | VARIANTS["inpaint"])
     model = perturbed(UNet(config)).eval()
@@ -263,7 +288,16 @@ def test_widen_inputs_keeps_the_function_and_refuses_other_changes() -> None:
     extra = torch.randn(2, 2, *args["x"].shape[-2:])
     with torch.no_grad():  # the new inputs start with zero weights: the same outputs whatever they hold
         assert torch.allclose(model(**args), wide(torch.cat([args["x"], extra], 1), args["t"], args["context"]), atol=1e-6)
+    with_layout = widen_inputs(wide, dataclasses.replace(wide.config, layout_channels=2, layout_size=3)).eval()
+    assert torch.equal(with_layout.input_blocks[0][0].weight[:, :-2], wide.input_blocks[0][0].weight)
+    torch.nn.init.zeros_(with_layout.layout.weight)
+    torch.nn.init.zeros_(with_layout.layout.bias)
+    with torch.no_grad():  # a prompt layout path added on top, whose maps are zero: still the same function
+        assert torch.allclose(model(**args), with_layout(torch.cat([args["x"], extra], 1), args["t"], args["context"]),
+                              atol=1e-6)
+    with pytest.raises(ValueError, match="would drop or change inputs"):
+        widen_inputs(with_layout, dataclasses.replace(with_layout.config, layout_size=4))
     with pytest.raises(ValueError, match=r"\['model_channels'\] differ"):
         widen_inputs(model, dataclasses.replace(config, model_channels=64))
-    with pytest.raises(ValueError, match="would drop inputs"):
+    with pytest.raises(ValueError, match="would drop or change inputs"):
         widen_inputs(model, dataclasses.replace(config, in_channels=4))

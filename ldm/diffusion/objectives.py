@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ldm.diffusion.samplers import randn_like
 from ldm.diffusion.schedule import NoiseSchedule, normalize_prediction_type, prediction_from
-from ldm.validation import check_float
+from ldm.validation import check_float, check_int
 
 
 def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
@@ -35,6 +35,19 @@ def drop_conditions(cond: Tensor, null_cond: Tensor, p: float, generator: torch.
     return torch.where(mask, null_cond.to(cond.dtype).expand_as(cond), cond)
 
 
+def draw_timesteps(batch: int, num_train_timesteps: int, bias_portion: float = 0.0, bias_begin: int = 0,
+                   generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """``batch`` training timesteps, uniform on [0, T) except the first round(bias_portion · batch), which are
+    uniform on [bias_begin, T)."""
+    check_float("timestep_bias_portion", bias_portion, 0.0, 1.0)
+    check_int("timestep_bias_begin", bias_begin, 0, num_train_timesteps - 1)
+    t = torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=device)
+    late = round(bias_portion * batch)
+    if late:
+        t[:late] = torch.randint(bias_begin, num_train_timesteps, (late,), generator=generator, device=device)
+    return t
+
+
 def diffusion_loss(
     model: Callable[..., Tensor],
     x0: Tensor,
@@ -44,18 +57,24 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     min_snr_gamma: float | None = None,
     offset_noise: float = 0.0,
+    timestep_bias_portion: float = 0.0,
+    timestep_bias_begin: int = 0,
     **model_kwargs: object,
 ) -> Tensor:
     """The simple loss ‖f(x_t, t) - target‖² (Ho et al. 2020, eq. 14) at uniformly drawn t.
 
     The target is ε, v = √ᾱ ε - √(1-ᾱ) x_0 (Salimans & Ho 2022) or x_0; optional Min-SNR-γ
     weighting, and offset noise (a per-channel constant added to ε, Guttenberg 2023).
+    ``timestep_bias_portion`` of the batch draws t from [``timestep_bias_begin``, T) instead (as diffusers'
+    SDXL script biases timesteps): what only the prompt can say, such as where an object goes, is learned
+    at the noisiest steps, where x_t no longer shows it.
     ``model_kwargs`` (e.g. the condition) are passed to ``model(x_t, t, **model_kwargs)``.
     """
     check_float("offset_noise", offset_noise, 0.0)
     batch = x0.shape[0]
     device = generator.device if generator is not None else x0.device
-    t = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator, device=device).to(x0.device)
+    t = draw_timesteps(batch, schedule.num_train_timesteps, timestep_bias_portion, timestep_bias_begin,
+                       generator, device).to(x0.device)
     noise = randn_like(x0, generator)
     if offset_noise > 0:
         channel_shift = randn_like(x0[(...,) + (slice(0, 1),) * (x0.ndim - 2)], generator)

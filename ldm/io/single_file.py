@@ -123,6 +123,9 @@ def write_single_file(checkpoint: Checkpoint, path: str | Path) -> None:
     if checkpoint.config["unet"].get("coordinate_channels"):
         raise ValueError("unet coordinate_channels=True cannot be written as an SD single file (its loaders would "
                          "read conv_in as in_channels + 2 data channels); allowed: the ldm folder format")
+    if checkpoint.config["unet"].get("layout_channels"):
+        raise ValueError("unet layout_channels > 0 cannot be written as an SD single file (it has no prompt layout "
+                         "maps); allowed: the ldm folder format")
     text_cfg = checkpoint.config["text_encoder"]
     text = checkpoint.weights["text_encoder"]
     kind = text_cfg["kind"]

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from ldm.config import ConfigError, config_from_dict, config_to_dict, load_yaml
+from ldm.validation import check_float, check_int
 
 
 @dataclass
@@ -34,7 +35,7 @@ class DataConfig:
 @dataclass
 class ModelSpec:
     """Start from ``init_from`` (any model format), or build from the component configs. With ``init_from``,
-    ``unet`` may add inputs (``coordinate_channels``, a larger ``in_channels``: ``widen_inputs``) and
+    ``unet`` may add inputs (``coordinate_channels``, ``layout_channels``, a larger ``in_channels``: ``widen_inputs``) and
     ``schedule`` fields replace the loaded model's; the other component configs are not used."""
 
     init_from: str | None = None
@@ -80,10 +81,14 @@ class ObjectiveConfig:
     min_snr_gamma: float | None = None
     offset_noise: float = 0.0
     latents: str = "sample"  # "sample" the autoencoder's posterior (LDM) or take its "mean"
+    timestep_bias_portion: float = 0.0  # share of each batch with t drawn from [timestep_bias_begin, T)
+    timestep_bias_begin: int = 0
 
     def __post_init__(self) -> None:
         if self.latents not in ("sample", "mean"):
             raise ValueError(f"latents={self.latents!r} is not supported; allowed: 'sample', 'mean'")
+        check_float("objective.timestep_bias_portion", self.timestep_bias_portion, 0.0, 1.0)
+        check_int("objective.timestep_bias_begin", self.timestep_bias_begin, 0)
 
 
 @dataclass

@@ -88,7 +88,8 @@ class DiffusionTask:
 
         o = self.config.objective
         return diffusion_loss(model, latents, self.schedule, prediction_type=self.models.schedule.prediction_type,
-                              generator=generator, min_snr_gamma=o.min_snr_gamma, offset_noise=o.offset_noise)
+                              generator=generator, min_snr_gamma=o.min_snr_gamma, offset_noise=o.offset_noise,
+                              timestep_bias_portion=o.timestep_bias_portion, timestep_bias_begin=o.timestep_bias_begin)
 
     def ema_target(self) -> nn.Module:
         return self.models.unet
