@@ -35,9 +35,9 @@ class UNetConfig:
 
     ``layout_channels`` (not in SD) appends that many coarse maps read from the prompt: each token's context goes
     through one linear layer ``layout`` to ``layout_channels`` maps of ``layout_size``², the maximum over the tokens
-    is taken (a mean would drown "left" in the padding, which hardly attends to it) and resized to the input. Cross-attention must learn "top left" as a product of a query that knows where it is
-    and a key that names the place, which starts from a saddle; this path is linear in the text from the first
-    step. Like the coordinate maps it widens ``conv_in`` and no foreign format can express it.
+    is taken (a mean would drown "left" in the padding, which hardly attends to it) and resized to the input.
+    Cross-attention must learn "top left" as a product of a query that knows where it is and a key that names the
+    place, which starts from a saddle; this path is linear in each token from the first step. Like the coordinate maps it widens ``conv_in`` and no foreign format can express it.
     """
 
     in_channels: int = 4

@@ -35,8 +35,8 @@ class DataConfig:
 @dataclass
 class ModelSpec:
     """Start from ``init_from`` (any model format), or build from the component configs. With ``init_from``,
-    ``unet`` may add inputs (``coordinate_channels``, ``layout_channels``, a larger ``in_channels``: ``widen_inputs``) and
-    ``schedule`` fields replace the loaded model's; the other component configs are not used."""
+    ``unet`` may add inputs (``coordinate_channels``, ``layout_channels``, a larger ``in_channels``:
+    ``widen_inputs``) and ``schedule`` fields replace the loaded model's; the other component configs are not used."""
 
     init_from: str | None = None
     autoencoder_from: str | None = None  # take the (frozen) autoencoder of this model
