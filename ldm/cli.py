@@ -131,7 +131,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="eval", help="folder for <task>.json and the pictures (default: %(default)s)")
     p.add_argument("--model", default=None, help="model to measure (default: the task's demo model)")
     p.add_argument("--count", type=int, default=300, help="held-out prompts / images / samples (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=1000, help="data seed of the held-out set; training uses 0-2 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1000, help="data seed of the held-out set; training uses 0-4 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps (default: %(default)s)")
     p.add_argument("--sampler", default="dpmpp_2m", help="ddpm | ddim | dpmpp_2m | euler | euler_a (default: %(default)s)")
     p.add_argument("--guidance", type=_scales, default=[1.0, 2.0, 4.0, 7.5, 12.0],

@@ -27,10 +27,12 @@ step() {
     classifier) ldm train configs/demo/unconditional.yaml   # 2400 steps; the classifier trains on its latents
       ldm train-classifier configs/demo/classifier.yaml
       ldm train configs/demo/unconditional.yaml $MORE --set model.init_from=runs/demo/classifier/model \
-        --output-dir runs/demo/unconditional-2   # 2 × 3600 more U-Net steps; the classifier rides along unchanged
-      ldm train configs/demo/unconditional.yaml $MORE --set model.init_from=runs/demo/unconditional-2/model \
-        --output-dir runs/demo/unconditional-3 --set data.seed=1
-      ldm convert runs/demo/unconditional-3/model pipelines/weights/demo-classifier --to folder --half ;;
+        --output-dir runs/demo/unconditional-2   # 5 × 3600 more U-Net steps; the classifier rides along unchanged
+      for i in 3 4 5 6; do   # data seeds 1 to 4
+        ldm train configs/demo/unconditional.yaml $MORE --set model.init_from=runs/demo/unconditional-$((i - 1))/model \
+          --output-dir runs/demo/unconditional-$i --set data.seed=$((i - 2))
+      done
+      ldm convert runs/demo/unconditional-6/model pipelines/weights/demo-classifier --to folder --half ;;
     *) echo "build.sh: unknown model '$1'; allowed: autoencoder text-to-image super-resolution semantic classifier" >&2
        exit 2 ;;
   esac

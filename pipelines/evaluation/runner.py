@@ -21,7 +21,7 @@ DEFAULT_MODELS = {"text-to-image": "demo", "super-resolution": "demo-sr", "seman
 @dataclass
 class EvalOptions:
     count: int = 300  # held-out prompts / images / samples
-    seed: int = 1000  # data seed (training uses 0-2); SR and semantic add 1 and 2
+    seed: int = 1000  # data seed (training uses 0-4); SR and semantic add 1 and 2
     steps: int = 25
     sampler: str = "dpmpp_2m"
     guidance: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 7.5, 12.0])
