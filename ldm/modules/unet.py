@@ -37,7 +37,8 @@ class UNetConfig:
     through one linear layer ``layout`` to ``layout_channels`` maps of ``layout_size``², the maximum over the tokens
     is taken (a mean would drown "left" in the padding, which hardly attends to it) and resized to the input.
     Cross-attention must learn "top left" as a product of a query that knows where it is and a key that names the
-    place, which starts from a saddle; this path is linear in each token from the first step. Like the coordinate maps it widens ``conv_in`` and no foreign format can express it.
+    place, which starts from a saddle; this path is linear in each token from the first step. Like the coordinate
+    maps it widens ``conv_in`` and no foreign format can express it.
     """
 
     in_channels: int = 4
@@ -273,7 +274,6 @@ class UNet(nn.Module):
             h = self._run(block, h, emb, context, size)
         return self.out(h)
 
-
     def layout_maps(self, context: Tensor, size: tuple[int, int]) -> Tensor:
         """The prompt's coarse maps (B, layout_channels, *size): ``layout`` of each token's context, the maximum
         over the tokens, bilinearly resized from ``layout_size``² to ``size``."""
@@ -313,7 +313,8 @@ def widen_inputs(unet: UNet, config: UNetConfig) -> UNet:
         start_old, start_new = start_old + count, start_new + after[name]
     wide = UNet(config)
     if config.layout_channels and not old.layout_channels:  # small random weights, so both factors learn
-        grown[:, -config.layout_channels :] = 0.1 * wide.state_dict()[key][:, -config.layout_channels :]
+        fresh = wide.input_blocks[0][0].weight.detach()
+        grown[:, -config.layout_channels :] = 0.1 * fresh[:, -config.layout_channels :]
         state.update({f"layout.{k}": v for k, v in wide.layout.state_dict().items()})
     state[key] = grown
     wide.load_state_dict(state)

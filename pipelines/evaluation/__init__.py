@@ -1,7 +1,7 @@
 """``ldm eval``: measured quality of the demo models on held-out samples of the shapes domain.
 
 Each evaluation draws its prompts, images and maps from a data seed the training never used
-(training uses seeds 0-2; evaluation defaults to 1000), generates with the model, and scores the
+(training uses seeds 0-4; evaluation defaults to 1000), generates with the model, and scores the
 outputs with the domain's own detector (``ldm.data.shapes.detect_objects``)."""
 
 from pipelines.evaluation.adherence import score_adherence, summarize_adherence
