@@ -297,3 +297,24 @@ def test_init_from_may_add_unet_inputs_and_change_the_schedule(learned_diffusion
                                                            "--set", "model.unet.num_res_blocks=3"],
                          env=ENV, capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "['num_res_blocks'] differ from the trained model's" in bad.stderr
+
+
+def test_text_encoder_lr_scale_sets_its_share_of_the_first_adamw_step(tmp_path: Path) -> None:
+    # Step 1, by hand: the attention blocks' output projections start at zero, so no gradient reaches the text
+    # encoder and AdamW only decays it, p(1 - lr·wd); each U-Net weight with a gradient moves by the rate itself
+    # (Adam's first m̂/√v̂ is ±1). The rate is lr/2 at warm-up step 1 of 2, and the text encoder takes a quarter.
+    subprocess.run(train_command(tmp_path) + ["--max-steps", "1", "--set", "optim.text_encoder_lr_scale=0.25",
+                                              "--set", "tracker=null"], check=True, env=ENV, capture_output=True, cwd=ROOT)
+    torch.manual_seed(0)
+    from ldm.train import build_models
+    from ldm.training.config import load_train_config
+
+    config = load_train_config(SMOKE)
+    models = build_models(config.model, config.data)
+    rate, decay = config.optim.lr / config.optim.warmup_steps, config.optim.weight_decay
+    trained = load_state_dict(tmp_path / "model" / "text_encoder.safetensors")
+    for key, initial in models.text_encoder.state_dict().items():
+        torch.testing.assert_close(trained[key], initial * (1 - 0.25 * rate * decay), rtol=0, atol=1e-7, msg=key)
+    trained = load_state_dict(tmp_path / "model" / "unet.safetensors")
+    change = max((trained[k] - v).abs().max().item() for k, v in models.unet.state_dict().items())
+    assert change == pytest.approx(rate, rel=0.02)

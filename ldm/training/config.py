@@ -64,6 +64,9 @@ class OptimConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    # the text encoder's rate as a share of lr (with model.train_text_encoder): a jointly trained encoder at the
+    # U-Net's rate first shrinks the differences between its outputs, before the U-Net has learned to read them
+    text_encoder_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -71,6 +74,7 @@ class OptimConfig:
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range; allowed: an integer >= 1")
+        check_float("optim.text_encoder_lr_scale", self.text_encoder_lr_scale, 0.0)
         if not 0 <= self.decay_steps <= self.max_steps:
             raise ValueError(f"decay_steps={self.decay_steps!r} is out of range; allowed: 0..max_steps ({self.max_steps})")
 

@@ -48,6 +48,10 @@ class DiffusionTask:
         m = self.models
         return [[m.unet] + ([m.text_encoder] if self.train_text else []) + ([m.vae] if self.train_vae else [])]
 
+    def lr_scale(self, module: nn.Module) -> float:
+        """The share of ``optim.lr`` that ``module`` trains at: ``optim.text_encoder_lr_scale`` for the text encoder."""
+        return self.config.optim.text_encoder_lr_scale if module is self.models.text_encoder else 1.0
+
     def prepare(self, accelerator: Accelerator) -> None:
         m, self.device = self.models, accelerator.device
         m.unet = accelerator.prepare(m.unet)

@@ -74,6 +74,12 @@ def parameters(group: list[nn.Module | nn.Parameter]) -> list[nn.Parameter]:
     return [p for p in found if p.requires_grad]
 
 
+def param_groups(group: list[nn.Module | nn.Parameter], scale: Callable[[Any], float]) -> list[dict[str, Any]]:
+    """One optimizer parameter group per item of ``group`` that has trainable parameters, with the item's
+    learning-rate share ``scale(item)`` (a task's optional ``lr_scale``) under the key ``lr_scale``."""
+    return [{"params": found, "lr_scale": scale(item)} for item in group if (found := parameters([item]))]
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
@@ -145,8 +151,9 @@ def run_training(config: TrainConfig, task: Task, dataset: Any, accelerator: Acc
     root = Path(config.output_dir)
     accelerator = accelerator or make_accelerator(config)
     o = config.optim
-    optimizers = [torch.optim.AdamW(parameters(group), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-                  for group in task.groups()]
+    scale = getattr(task, "lr_scale", lambda module: 1.0)
+    optimizers = [torch.optim.AdamW(param_groups(group, scale), lr=o.lr, betas=tuple(o.betas),
+                                    weight_decay=o.weight_decay) for group in task.groups()]
     target = task.ema_target()
     ema = EMA(target, config.ema.decay, config.ema.warmup) if config.ema.enabled and target is not None else None
     step = _resume(root, task, ema, optimizers)
@@ -190,7 +197,7 @@ def _loop(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerato
         losses = []
         for index, optimizer in enumerate(optimizers):
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step)
+                group["lr"] = learning_rate(config, step) * group["lr_scale"]
             for micro in range(o.grad_accum):
                 start = ((step * o.grad_accum + micro) * world + rank) * o.batch_size
                 indices = stream_indices(len(dataset), config.seed, start, o.batch_size)
