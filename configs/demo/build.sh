@@ -11,8 +11,7 @@ MORE="--set optim.max_steps=3600 --set optim.lr=5e-4 --set optim.decay_steps=120
 step() {
   case "$1" in
     autoencoder) ldm train-autoencoder configs/demo/autoencoder.yaml ;;
-    text-to-image) ldm train configs/demo/text-to-image.yaml   # 3000 steps, then continued to 6000 at half the rate:
-      ldm train configs/demo/text-to-image.yaml --set optim.max_steps=6000 --set optim.decay_steps=1500 --set optim.lr=3.0e-4
+    text-to-image) ldm train configs/demo/text-to-image.yaml   # 3500 steps
       ldm convert runs/demo/text-to-image/model pipelines/weights/demo --to folder --half ;;
     super-resolution) ldm train configs/demo/super-resolution.yaml
       ldm convert runs/demo/super-resolution/model pipelines/weights/demo-sr --to folder --half ;;
