@@ -2,7 +2,7 @@
 classifier-free guidance inside a warm Python process (median of runs), and the whole
 ``ldm generate`` command from a cold start (fresh process, median of runs).
 
-    python benchmarks/demo_speed.py [--runs 5] [--threads N]
+    OMP_NUM_THREADS=N python benchmarks/demo_speed.py [--runs 5]
 """
 
 from __future__ import annotations
