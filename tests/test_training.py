@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +22,16 @@ from ldm.training.checkpoints import latest_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "demo" / "smoke.yaml")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def smoke_models_at_init() -> Any:
+    """The smoke config's models as a run builds them before its first step (weights drawn after seeding)."""
+    from ldm.train import build_models
+    from ldm.training.config import load_train_config
+
+    config = load_train_config(SMOKE)
+    torch.manual_seed(config.seed)
+    return build_models(config.model, config.data)
 
 
 def train_command(out: Path, *extra: str) -> list[str]:
@@ -239,11 +250,7 @@ def test_bad_image_folders_stop_before_models_are_built(tmp_path: Path, capsys, 
 def test_trainable_autoencoder_encoder(tmp_path: Path) -> None:
     subprocess.run(train_command(tmp_path) + ["--max-steps", "2", "--set", "model.train_vae=true", "--set", "tracker=null"],
                    check=True, env=ENV, capture_output=True, cwd=ROOT)
-    torch.manual_seed(0)
-    from ldm.train import build_models
-    from ldm.training.config import load_train_config
-
-    initial = build_models(load_train_config(SMOKE).model, load_train_config(SMOKE).data).vae.state_dict()
+    initial = smoke_models_at_init().vae.state_dict()
     trained = load_state_dict(tmp_path / "model" / "vae.safetensors")
     changed = {k.split(".")[0] for k in initial if not torch.equal(initial[k], trained[k])}
     assert changed == {"encoder", "quant_conv"}  # the decoder gets no gradient from the diffusion loss
@@ -305,12 +312,9 @@ def test_text_encoder_lr_scale_sets_its_share_of_the_first_adamw_step(tmp_path: 
     # (Adam's first m̂/√v̂ is ±1). The rate is lr/2 at warm-up step 1 of 2, and the text encoder takes a quarter.
     subprocess.run(train_command(tmp_path) + ["--max-steps", "1", "--set", "optim.text_encoder_lr_scale=0.25",
                                               "--set", "tracker=null"], check=True, env=ENV, capture_output=True, cwd=ROOT)
-    torch.manual_seed(0)
-    from ldm.train import build_models
     from ldm.training.config import load_train_config
 
-    config = load_train_config(SMOKE)
-    models = build_models(config.model, config.data)
+    config, models = load_train_config(SMOKE), smoke_models_at_init()
     rate, decay = config.optim.lr / config.optim.warmup_steps, config.optim.weight_decay
     trained = load_state_dict(tmp_path / "model" / "text_encoder.safetensors")
     for key, initial in models.text_encoder.state_dict().items():
