@@ -20,12 +20,15 @@ EXAMPLES = {
     "convert": "ldm convert v1-5.safetensors sd15/ --to diffusers\nldm convert my-model/ model.safetensors --to sd\n"
     "ldm convert runs/demo/text-to-image/model pipelines/weights/demo --to folder --half",
     "eval": "ldm eval text-to-image -o eval/  # the demo model, 300 held-out prompts, guidance 1,2,4,7.5,12\n"
-    "ldm eval super-resolution -o eval/ --count 300\nldm eval classifier -o eval/ --classifier-scales 0,10",
+    "ldm eval super-resolution -o eval/ --count 300\nldm eval classifier -o eval/ --classifier-scales 0,10\n"
+    "ldm eval clip -o eval/ --count 1000  # demo-clip's hard-negative accuracy per kind on held-out images",
     "train": "ldm train configs/demo/smoke.yaml --output-dir runs/smoke --max-steps 20 --set optim.lr=2e-4\n"
     "accelerate launch --multi_gpu --num_processes 2 -m ldm.train configs/demo/smoke.yaml",
     "train-autoencoder": "ldm train-autoencoder configs/demo/autoencoder-smoke.yaml --output-dir runs/ae\n"
     "accelerate launch --multi_gpu --num_processes 2 -m ldm.train configs/demo/autoencoder-smoke.yaml --task autoencoder",
     "train-classifier": "ldm train-classifier configs/demo/classifier-smoke.yaml --set model.init_from=runs/smoke/model",
+    "train-clip": "ldm train-clip configs/demo/clip.yaml --output-dir runs/demo/clip\n"
+    "accelerate launch --multi_gpu --num_processes 2 -m ldm.train configs/demo/clip-smoke.yaml --task clip",
     "finetune": "ldm finetune configs/demo/finetune-smoke.yaml --set model.init_from=runs/smoke/model\n"
     "ldm finetune configs/demo/finetune-smoke.yaml --set data.kind=folder --set data.path=my-images --set lora=null",
 }
@@ -61,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", _add_train, _train, "train a latent diffusion model from a YAML config (resumes automatically)"),
         ("train-autoencoder", _add_train, _train, "train the KL autoencoder: L1 + KL + PatchGAN (+ LPIPS)"),
         ("train-classifier", _add_train, _train, "train a noise-aware classifier on the latents of a model"),
+        ("train-clip", _add_train, _train, "train a CLIP contrastively on shapes images and captions, with hard "
+         "negatives; it saves as transformers' CLIPModel"),
         ("finetune", _add_train, _train, "fine-tune a model (fully, or LoRA with lora:) and export it to diffusers"),
         ("eval", _add_eval, _eval, "measure a model on held-out shapes samples: JSON report, plot and grids"),
     ):
@@ -105,10 +110,12 @@ def _add_semantic(p: argparse.ArgumentParser) -> None:
 
 
 def _add_convert(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="our folder, diffusers folder or SD single file (.safetensors / .ckpt)")
+    p.add_argument("source", help="demo name, our folder, diffusers folder, SD single file (.safetensors / .ckpt) "
+                   "or CLIP folder (--to folder only)")
     p.add_argument("target", help="output folder or file")
     p.add_argument("--to", required=True, choices=("diffusers", "sd", "folder"), help="output format")
-    p.add_argument("--prediction-type", default="epsilon", help="for SD files: epsilon or v (SD 2.x 768-v)")
+    p.add_argument("--prediction-type", default=None, help="for SD files: epsilon or v (SD 2.x 768-v); default: the "
+                   "file's stored config if we wrote it, else epsilon")
     p.add_argument("--no-ema", action="store_true", help="for full SD training checkpoints: take the non-EMA weights")
     p.add_argument("--half", action="store_true", help="store float weights as float16 (and the U-Net's EMA weights "
                    "as the U-Net, when the source keeps them apart): half the size, for shipping")
@@ -138,6 +145,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
                    help="text-to-image guidance scales, comma-separated (default: 1,2,4,7.5,12)")
     p.add_argument("--classifier-scales", type=_scales, default=[0.0, 10.0],
                    help="classifier guidance scales; 0 is unguided (default: 0,10)")
+    p.add_argument("--clip", default="demo-clip", help="text-to-image: CLIP folder that also scores the images "
+                   "(CLIP score, hard-negative score); 'none' for the detector only (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
 
 
@@ -149,7 +158,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.count < 1:
         raise ValueError(f"--count={args.count} is not allowed; allowed: an integer >= 1")
     options = EvalOptions(args.count, args.seed, args.steps, args.sampler, args.guidance, args.classifier_scales,
-                          args.device)
+                          args.device, None if args.clip.lower() == "none" else args.clip)
     report = run_evaluation(args.task, args.output, args.model, options)
     print(json.dumps(report, indent=2))
     print(f"wrote {Path(args.output) / (args.task + '.json')}")
@@ -166,7 +175,7 @@ def _train(args: argparse.Namespace) -> None:
 
     logging.getLogger().setLevel(logging.INFO)
     args.task = {"train": "diffusion", "train-autoencoder": "autoencoder", "train-classifier": "classifier",
-                 "finetune": "finetune"}[args.command]
+                 "finetune": "finetune", "train-clip": "clip"}[args.command]
     run(args)
 
 
@@ -210,17 +219,33 @@ def _semantic(args: argparse.Namespace) -> None:
 
 def _convert(args: argparse.Namespace) -> None:
     from ldm.io import export_checkpoint, read_checkpoint
+    from pipelines.base import resolve_source
 
+    source = resolve_source(args.source)  # a demo name is its shipped folder
+    if (source / "config.json").is_file() and not (source / "model_index.json").is_file():
+        return _convert_clip(source, args)
     options = {"prediction_type": args.prediction_type, "use_ema": not args.no_ema}
-    if not Path(args.source).is_file():
+    if not source.is_file():
         options = {}
-    checkpoint = read_checkpoint(args.source, **options)
+    checkpoint = read_checkpoint(source, **options)
     if args.half:
         from ldm.io.checkpoint import half_precision
 
         checkpoint = half_precision(checkpoint)
     export_checkpoint(checkpoint, args.target, args.to)
     print(f"wrote {args.target} ({args.to})")
+
+
+def _convert_clip(source: Path, args: argparse.Namespace) -> None:
+    """A CLIP folder (ldm train-clip, transformers' CLIPModel) copied, float16 with --half."""
+    from ldm.modules.clip import load_clip, save_clip
+
+    if args.to != "folder":
+        raise ValueError(f"{source} is a CLIP folder (config.json, model.safetensors); allowed: --to folder")
+    clip = load_clip(source)
+    state = {k: v.half() if args.half and v.is_floating_point() else v for k, v in clip.state_dict().items()}
+    save_clip(clip, args.target, state)
+    print(f"wrote {args.target} (CLIP folder)")
 
 
 def _save(images: list, output: str) -> None:

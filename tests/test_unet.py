@@ -21,7 +21,7 @@ from ldm.io.unet_keys import (
     unet_original_to_diffusers,
 )
 from ldm.modules import UNet, UNetConfig, timestep_embedding
-from ldm.modules.unet import coordinate_maps, widen_inputs
+from ldm.modules.unet import widen_inputs
 
 TOL = 1e-4
 TINY = {  # SD v1 layout at reduced width
@@ -233,71 +233,15 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_coordinate_maps_are_pixel_centres_in_minus_one_to_one() -> None:
-    x = torch.zeros(2, 4, 3, 5)
-    maps = coordinate_maps(x)  # (2, 2, 3, 5): channel 0 = column, channel 1 = row
-    assert maps.shape == (2, 2, 3, 5)
-    assert torch.allclose(maps[0, 0, 0], torch.tensor([-0.8, -0.4, 0.0, 0.4, 0.8]))  # (j + 0.5) · 2/5 - 1
-    assert torch.allclose(maps[1, 1, :, 2], torch.tensor([-2 / 3, 0.0, 2 / 3]))
-    assert torch.equal(maps[:, 0], maps[:, 0, :1].expand(2, 3, 5))  # a column map is constant down each column
-
-
-def test_coordinate_channels_make_the_net_position_aware_and_are_refused_by_foreign_formats() -> None:
-    config = UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                        num_heads=2, context_dim=16, norm_groups=16, coordinate_channels=True)
-    model = perturbed(UNet(config)).eval()
-    plain = UNet(dataclasses.replace(config, in_channels=6, coordinate_channels=False)).eval()
-    plain.load_state_dict(model.state_dict())  # the same weights: conv_in takes 4 latent channels + x and y maps
-    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 16)
-    with torch.no_grad():
-        assert torch.allclose(model(x, 500, context), plain(torch.cat([x, coordinate_maps(x)], 1), 500, context))
-    with pytest.raises(ValueError, match="coordinate_channels=True is not supported by diffusers"):
-        unet_config_to_diffusers(config)
-
-
-def test_layout_channels_feed_conv_in_a_linear_read_of_the_prompt() -> None:
-    config = UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                        num_heads=2, context_dim=16, norm_groups=16, layout_channels=3, layout_size=2)
-    model = perturbed(UNet(config)).eval()
-    context = torch.randn(2, 5, 16)
-    with torch.no_grad():
-        maps = model.layout_maps(context, (4, 4))
-        coarse = torch.stack([torch.stack([model.layout.weight @ token + model.layout.bias for token in prompt]).max(0)
-                              .values for prompt in context]).view(2, 3, 2, 2)
-    # bilinear 2 → 4 without corner alignment: the corner pixels keep the coarse values, the inner ones blend 3:1
-    assert torch.allclose(maps[..., 0, 0], coarse[..., 0, 0], atol=1e-6)
-    assert torch.allclose(maps[..., 1, 1], (9 * coarse[..., 0, 0] + 3 * coarse[..., 0, 1] + 3 * coarse[..., 1, 0]
-                                            + coarse[..., 1, 1]) / 16, atol=1e-6)
-    plain = UNet(dataclasses.replace(config, in_channels=7, layout_channels=0)).eval()
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("layout.")})
-    x = torch.randn(2, 4, 8, 8)
-    with torch.no_grad():  # the same net as one fed [x; the maps] as data channels
-        assert torch.allclose(model(x, 500, context), plain(torch.cat([x, model.layout_maps(context, (8, 8))], 1),
-                                                            500, context), atol=1e-5)
-    with pytest.raises(ValueError, match="layout_channels=3 is not supported by diffusers"):
-        unet_config_to_diffusers(config)
-    with pytest.raises(ValueError, match="layout_channels=-1 is out of range; allowed: an integer >= 0"):
-        dataclasses.replace(config, layout_channels=-1)
-
-
 def test_widen_inputs_keeps_the_function_and_refuses_other_changes() -> None:
     config = unet_config_from_diffusers(TINY | VARIANTS["inpaint"])
     model = perturbed(UNet(config)).eval()
     args = inputs(config, batch=2)
-    wide = widen_inputs(model, dataclasses.replace(config, in_channels=11, coordinate_channels=True)).eval()
+    wide = widen_inputs(model, dataclasses.replace(config, in_channels=11)).eval()
     extra = torch.randn(2, 2, *args["x"].shape[-2:])
     with torch.no_grad():  # the new inputs start with zero weights: the same outputs whatever they hold
         assert torch.allclose(model(**args), wide(torch.cat([args["x"], extra], 1), args["t"], args["context"]), atol=1e-6)
-    with_layout = widen_inputs(wide, dataclasses.replace(wide.config, layout_channels=2, layout_size=3)).eval()
-    assert torch.equal(with_layout.input_blocks[0][0].weight[:, :-2], wide.input_blocks[0][0].weight)
-    torch.nn.init.zeros_(with_layout.layout.weight)
-    torch.nn.init.zeros_(with_layout.layout.bias)
-    with torch.no_grad():  # a prompt layout path added on top, whose maps are zero: still the same function
-        assert torch.allclose(model(**args), with_layout(torch.cat([args["x"], extra], 1), args["t"], args["context"]),
-                              atol=1e-6)
-    with pytest.raises(ValueError, match="would drop or change inputs"):
-        widen_inputs(with_layout, dataclasses.replace(with_layout.config, layout_size=4))
     with pytest.raises(ValueError, match=r"\['model_channels'\] differ"):
         widen_inputs(model, dataclasses.replace(config, model_channels=64))
-    with pytest.raises(ValueError, match="would drop or change inputs"):
+    with pytest.raises(ValueError, match="would drop inputs"):
         widen_inputs(model, dataclasses.replace(config, in_channels=4))

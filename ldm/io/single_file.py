@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from torch import Tensor
 from ldm.config import config_to_dict
 from ldm.diffusion.schedule import ScheduleConfig
 from ldm.io.checkpoint import Checkpoint
-from ldm.io.files import CheckpointError, load_state_dict, save_state_dict
+from ldm.io.files import CheckpointError, load_state_dict, read_metadata, save_state_dict
 from ldm.io.text_keys import hf_to_openclip, infer_text_config
 from ldm.io.unet_keys import infer_unet_config
 from ldm.io.vae_keys import infer_vae_config
@@ -22,6 +23,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = {"clip": "cond_stage_model.transformer.", "openclip": "cond_stage_model.model."}
 EMA_PREFIX = "model_ema."
+CONFIG_KEY = "ldm_toolkit.config"  # our full model config, in the safetensors metadata of files we write
 
 
 def strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -87,15 +89,21 @@ def read_single_file(
     path: str | Path,
     *,
     use_ema: bool = True,
-    prediction_type: str = "epsilon",
+    prediction_type: str | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> Checkpoint:
     """Read an original SD v1/v2 single file, inferring each component's config from its keys
     and shapes. What the weights cannot tell (v-prediction for SD 2.x 768-v, heads, norm groups,
-    the VAE scale factor) comes from ``prediction_type`` and ``overrides`` ({component: {field: value}})."""
+    the VAE scale factor) comes from ``prediction_type`` (default epsilon) and ``overrides``
+    ({component: {field: value}}) — or, in a file this toolkit wrote, from the config it stored beside the
+    weights (safetensors metadata ``ldm_toolkit.config``)."""
     path = Path(path)
     overrides = overrides or {}
     weights, kind = split_single_file(load_state_dict(path), str(path), use_ema)
+    stored = read_metadata(path).get(CONFIG_KEY)
+    if stored is not None:
+        return _stored_checkpoint(stored, weights, path, prediction_type)
+    prediction_type = prediction_type or "epsilon"
     weights["text_encoder"].pop("text_model.embeddings.position_ids", None)  # a buffer older transformers saved
     try:
         unet = infer_unet_config(weights["unet"], **overrides.get("unet", {}))
@@ -117,15 +125,25 @@ def read_single_file(
     return Checkpoint(config, weights)
 
 
+def _stored_checkpoint(stored: str, weights: dict[str, dict[str, Tensor]], path: Path,
+                       prediction_type: str | None) -> Checkpoint:
+    """The checkpoint of a file this toolkit wrote: the weights with the config stored in its metadata."""
+    try:
+        config = json.loads(stored)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: metadata {CONFIG_KEY} is not JSON ({err})") from None
+    if not isinstance(config, dict) or not {"unet", "vae", "text_encoder", "schedule"} <= set(config):
+        raise CheckpointError(f"{path}: metadata {CONFIG_KEY} lacks a unet, vae, text_encoder or schedule config")
+    if prediction_type is not None:
+        config["schedule"]["prediction_type"] = prediction_type
+    return Checkpoint(config, weights)
+
+
 def write_single_file(checkpoint: Checkpoint, path: str | Path) -> None:
-    """Write the original single-file layout (safetensors). A diffusers-style SD v2 text encoder
-    (transformers layout with GELU) is written in open_clip's layout, as SD v2 files hold it."""
-    if checkpoint.config["unet"].get("coordinate_channels"):
-        raise ValueError("unet coordinate_channels=True cannot be written as an SD single file (its loaders would "
-                         "read conv_in as in_channels + 2 data channels); allowed: the ldm folder format")
-    if checkpoint.config["unet"].get("layout_channels"):
-        raise ValueError("unet layout_channels > 0 cannot be written as an SD single file (it has no prompt layout "
-                         "maps); allowed: the ldm folder format")
+    """Write the original single-file layout (safetensors), with our config in the metadata (``ldm_toolkit.config``:
+    what the weights cannot tell, such as the schedule and the VAE scale factor; other tools ignore it). A
+    diffusers-style SD v2 text encoder (transformers layout with GELU) is written in open_clip's layout, as SD v2
+    files hold it."""
     text_cfg = checkpoint.config["text_encoder"]
     text = checkpoint.weights["text_encoder"]
     kind = text_cfg["kind"]
@@ -134,4 +152,7 @@ def write_single_file(checkpoint: Checkpoint, path: str | Path) -> None:
     weights = {**checkpoint.weights, "text_encoder": text}
     if checkpoint.ema is not None:
         weights["unet"] = checkpoint.ema
-    save_state_dict(join_single_file(weights, kind), path)
+    config = {key: value for key, value in checkpoint.config.items() if key != "classifier"}
+    if kind != text_cfg["kind"]:  # written in open_clip's layout: read back as such
+        config = {**config, "text_encoder": {**text_cfg, "kind": kind}}
+    save_state_dict(join_single_file(weights, kind), path, metadata={"format": "pt", CONFIG_KEY: json.dumps(config)})

@@ -224,13 +224,6 @@ def unet_config_to_diffusers(config: UNetConfig, sample_size: int | None = None)
     """``UNetConfig`` → kwargs for ``UNet2DConditionModel(**d)``. ``attention_head_dim`` carries heads
     per level (diffusers' naming quirk). ``sample_size`` (latent side, 64 for SD v1) is what
     diffusers pipelines use for their default image size; it is not a property of the weights."""
-    if config.coordinate_channels:
-        raise ValueError("coordinate_channels=True is not supported by diffusers' UNet2DConditionModel (it has no "
-                         "coordinate input maps); allowed: coordinate_channels=False (or keep the ldm folder format)")
-    if config.layout_channels:
-        raise ValueError(f"layout_channels={config.layout_channels} is not supported by diffusers' "
-                         "UNet2DConditionModel (it has no prompt layout maps); allowed: layout_channels=0 "
-                         "(or keep the ldm folder format)")
     if config.channel_mult[0] != 1:
         raise ValueError(f"channel_mult={config.channel_mult!r} is not supported by diffusers' UNet2DConditionModel "
                          "(its conv_in has block_out_channels[0] outputs); allowed: channel_mult[0] == 1")

@@ -27,18 +27,6 @@ class UNetConfig:
     ``attention_levels`` are the indices into ``channel_mult`` whose blocks get a transformer
     (the middle block always has one). Exactly one of ``num_heads`` (SD v1: 8) and ``head_dim``
     (SD v2: 64) is set. ``in_channels`` > 4 means concat conditioning (inpainting: 9).
-
-    ``coordinate_channels`` (not in SD) appends two fixed maps, x and y in [-1, 1], to the input so that
-    every layer can know absolute position (CoordConv, Liu et al. 2018): a plain U-Net sees position only
-    through zero padding and learns "top left" poorly. ``conv_in`` then takes ``in_channels + 2``; the
-    other keys and shapes are SD's, but neither diffusers nor an SD single file can express it.
-
-    ``layout_channels`` (not in SD) appends that many coarse maps read from the prompt: each token's context goes
-    through one linear layer ``layout`` to ``layout_channels`` maps of ``layout_size``², the maximum over the tokens
-    is taken (a mean would drown "left" in the padding, which hardly attends to it) and resized to the input.
-    Cross-attention must learn "top left" as a product of a query that knows where it is and a key that names the
-    place, which starts from a saddle; this path is linear in each token from the first step. Like the coordinate
-    maps it widens ``conv_in`` and no foreign format can express it.
     """
 
     in_channels: int = 4
@@ -54,29 +42,20 @@ class UNetConfig:
     use_linear_projection: bool = False
     num_classes: int | None = None
     norm_groups: int = 32
-    coordinate_channels: bool = False
-    layout_channels: int = 0
-    layout_size: int = 8
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         self.channel_mult = _int_tuple("channel_mult", self.channel_mult, low=1)  # YAML and JSON give lists
         self.attention_levels = _int_tuple("attention_levels", self.attention_levels, low=0)
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "context_dim",
-                     "transformer_depth", "norm_groups", "layout_size"):
+                     "transformer_depth", "norm_groups"):
             check_int(name, getattr(self, name), 1)
-        check_int("layout_channels", self.layout_channels, 0)
-        for name in ("use_linear_projection", "coordinate_channels", "gradient_checkpointing"):
+        for name in ("use_linear_projection", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         if self.num_classes is not None:
             check_int("num_classes", self.num_classes, 1)
         self._check_levels()
-
-    @property
-    def input_segments(self) -> dict[str, int]:
-        """``conv_in``'s inputs in order: the data channels, then the coordinate and layout maps."""
-        return {"data": self.in_channels, "coordinates": 2 * self.coordinate_channels, "layout": self.layout_channels}
 
     def _check_levels(self) -> None:
         levels = list(range(len(self.channel_mult)))
@@ -126,16 +105,6 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-def coordinate_maps(x: Tensor) -> Tensor:
-    """Two maps (B, 2, H, W) of x's batch, size, dtype and device: the column and the row of each pixel's
-    centre, scaled to [-1, 1] (left/top edge -1, right/bottom edge +1)."""
-    batch, _, height, width = x.shape
-    cols = (torch.arange(width, device=x.device, dtype=x.dtype) + 0.5) * (2 / width) - 1
-    rows = (torch.arange(height, device=x.device, dtype=x.dtype) + 0.5) * (2 / height) - 1
-    grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"))
-    return grid.unsqueeze(0).expand(batch, -1, -1, -1)
-
-
 class TimestepEmbedSequential(nn.Sequential):
     """A block of the U-Net: passes the time embedding to ResBlocks and the context to transformers."""
 
@@ -162,8 +131,6 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if config.num_classes is not None:
             self.label_emb = nn.Embedding(config.num_classes, emb_dim)
-        if config.layout_channels:
-            self.layout = nn.Linear(config.context_dim, config.layout_channels * config.layout_size**2)
         self.input_blocks, skip_channels = self._encoder()
         ch = skip_channels[-1]
         self.middle_block = TimestepEmbedSequential(
@@ -183,7 +150,7 @@ class UNet(nn.Module):
         """conv_in, then per level num_res_blocks × (ResBlock[, transformer]) and a Downsample
         (none after the last level); also the channels of every block's output, the skips."""
         c = self.config
-        conv_in = nn.Conv2d(sum(c.input_segments.values()), c.model_channels, 3, padding=1)
+        conv_in = nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)
         blocks = nn.ModuleList([TimestepEmbedSequential(conv_in)])
         skip_channels = [c.model_channels]
         for level, channels in enumerate(c.level_channels):
@@ -260,10 +227,6 @@ class UNet(nn.Module):
             raise ValueError(f"context has shape {got}; expected (B, L, {self.config.context_dim})")
         emb = self.embed(x, t, y)
         h, context, skips = x.to(emb.dtype), context.to(emb.dtype), []
-        if self.config.coordinate_channels:
-            h = torch.cat([h, coordinate_maps(h)], dim=1)
-        if self.config.layout_channels:
-            h = torch.cat([h, self.layout_maps(context, x.shape[-2:])], dim=1)
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)
             skips.append(h)
@@ -274,48 +237,25 @@ class UNet(nn.Module):
             h = self._run(block, h, emb, context, size)
         return self.out(h)
 
-    def layout_maps(self, context: Tensor, size: tuple[int, int]) -> Tensor:
-        """The prompt's coarse maps (B, layout_channels, *size): ``layout`` of each token's context, the maximum
-        over the tokens, bilinearly resized from ``layout_size``² to ``size``."""
-        c = self.config
-        maps = self.layout(context).amax(dim=1).view(-1, c.layout_channels, c.layout_size, c.layout_size)
-        return nn.functional.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
-
 
 def widen_inputs(unet: UNet, config: UNetConfig) -> UNet:
-    """A U-Net of ``config`` that computes what ``unet`` does: ``config`` may differ from ``unet.config`` only by
-    more inputs (a larger ``in_channels``, ``coordinate_channels`` turned on, ``layout_channels`` from 0). ``conv_in``
-    keeps its weights for the old inputs and starts at zero for the new ones (as SD inpainting models grow from 4 to
-    9 inputs), so fine-tuning starts from the trained model instead of from scratch. Added layout maps come in
-    through small random weights (a tenth of the default initialisation) from a randomly initialised ``layout``
-    layer: with zeros at either end, neither factor would get a gradient."""
+    """A U-Net of ``config`` that computes what ``unet`` does: ``config`` may differ from ``unet.config`` only by a
+    larger ``in_channels`` (concat conditioning added, as SD inpainting models grow from 4 to 9 inputs). ``conv_in``
+    keeps its weights for the old inputs and starts at zero for the new ones, so fine-tuning starts from the trained
+    model instead of from scratch."""
     old = unet.config
-    growable = {"in_channels", "coordinate_channels", "layout_channels", "layout_size"}
-    changed = {k for k in vars(config) if getattr(config, k) != getattr(old, k)} - growable
+    changed = {k for k in vars(config) if getattr(config, k) != getattr(old, k)} - {"in_channels"}
     if changed:
         raise ValueError(f"U-Net fields {sorted(changed)} differ from the trained model's; allowed to change: "
-                         "in_channels (to more), coordinate_channels (to true), layout_channels (from 0)")
-    before, after = old.input_segments, config.input_segments
-    kept_layout = old.layout_channels == 0 or (config.layout_channels, config.layout_size) == (old.layout_channels,
-                                                                                            old.layout_size)
-    if any(after[k] < before[k] for k in before) or not kept_layout:
-        raise ValueError(f"in_channels={config.in_channels}, coordinate_channels={config.coordinate_channels}, "
-                         f"layout_channels={config.layout_channels} would drop or change inputs of the trained model "
-                         f"(in_channels={old.in_channels}, coordinate_channels={old.coordinate_channels}, "
-                         f"layout_channels={old.layout_channels}); allowed: only more inputs")
+                         "in_channels (to more)")
+    if config.in_channels < old.in_channels:
+        raise ValueError(f"in_channels={config.in_channels} would drop inputs of the trained model "
+                         f"(in_channels={old.in_channels}); allowed: {old.in_channels} or more")
     state = unet.state_dict()
-    key = "input_blocks.0.0.weight"
-    weight = state[key]  # (C_out, C_in_old, 3, 3)
-    grown = weight.new_zeros(weight.shape[0], sum(after.values()), *weight.shape[2:])
-    start_old = start_new = 0
-    for name, count in before.items():
-        grown[:, start_new : start_new + count] = weight[:, start_old : start_old + count]
-        start_old, start_new = start_old + count, start_new + after[name]
+    weight = state["input_blocks.0.0.weight"]  # (C_out, C_in_old, 3, 3)
+    grown = weight.new_zeros(weight.shape[0], config.in_channels, *weight.shape[2:])
+    grown[:, : old.in_channels] = weight
+    state["input_blocks.0.0.weight"] = grown
     wide = UNet(config)
-    if config.layout_channels and not old.layout_channels:  # small random weights, so both factors learn
-        fresh = wide.input_blocks[0][0].weight.detach()
-        grown[:, -config.layout_channels :] = 0.1 * fresh[:, -config.layout_channels :]
-        state.update({f"layout.{k}": v for k, v in wide.layout.state_dict().items()})
-    state[key] = grown
     wide.load_state_dict(state)
     return wide.train(unet.training)
