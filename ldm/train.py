@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ def read_config(args: argparse.Namespace) -> TrainConfig:
     return load_train_config(args.config, overrides, args.set)
 
 
-TASKS = ("diffusion", "autoencoder", "classifier", "finetune")
+TASKS = ("diffusion", "autoencoder", "classifier", "finetune", "clip")
 
 
 def build_dataset(data: DataConfig, task: str = "diffusion") -> Any:
@@ -49,6 +50,8 @@ def build_dataset(data: DataConfig, task: str = "diffusion") -> Any:
         return ImageCaptionFolder(data.path, data.image_size)
     from ldm.data.shapes import ShapesDataset
 
+    if task == "clip":
+        from ldm.data.negatives import ContrastiveShapesDataset as ShapesDataset  # images with hard negatives
     return ShapesDataset(seed=data.seed, length=data.length, two_object_prob=data.two_object_prob,
                          drop_prob=data.drop_prob, image_size=data.image_size,
                          kind="one" if task == "classifier" else data.objects)
@@ -65,7 +68,10 @@ def check_model_spec(spec: ModelSpec, source: str) -> None:
         return
     config_from_dict(UNetConfig, spec.unet, source, "model.unet.")
     config_from_dict(ScheduleConfig, spec.schedule, source, "model.schedule.")
-    if spec.text_encoder is not None:
+    if spec.text_encoder_from and spec.text_encoder:
+        raise ConfigError(f"{source}: model.text_encoder cannot change the text encoder of model.text_encoder_from "
+                          f"({spec.text_encoder_from}); allowed: leave model.text_encoder empty")
+    if spec.text_encoder is not None and not spec.text_encoder_from:
         config_from_dict(TextEncoderConfig, spec.text_encoder, source, "model.text_encoder.")
     if not spec.autoencoder_from:
         config_from_dict(AutoencoderConfig, spec.vae, source, "model.vae.")
@@ -84,6 +90,7 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Any:
     from ldm.diffusion.schedule import ScheduleConfig
     from ldm.modules.unet import UNet, UNetConfig
     from pipelines import Models, load_models
+    from pipelines.base import resolve_source
 
     if spec.init_from:
         from ldm.config import config_to_dict
@@ -92,8 +99,8 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Any:
         def updated(cls: type, loaded: Any, changes: dict[str, Any], prefix: str) -> Any:
             return config_from_dict(cls, {**config_to_dict(loaded), **changes}, spec.init_from, prefix)
 
-        models = load_models(spec.init_from)
-        if spec.unet:  # the loaded U-Net with more inputs (coordinate maps, concat channels)
+        models = load_models(resolve_source(spec.init_from))
+        if spec.unet:  # the loaded U-Net with more inputs (concat channels)
             models.unet = widen_inputs(models.unet, updated(UNetConfig, models.unet.config, spec.unet, "model.unet."))
         if spec.schedule:  # fine-tune to another noise schedule (as Lin et al. 2023 moved SD to zero terminal SNR)
             models.schedule = updated(ScheduleConfig, models.schedule, spec.schedule, "model.schedule.")
@@ -104,7 +111,10 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Any:
             vae.config.scale_factor = resolve_scale_factor(spec.vae["scale_factor"], vae, data)
     else:
         vae = AutoencoderKL(AutoencoderConfig(**spec.vae))
-    text = TextEncoder(TextEncoderConfig(**spec.text_encoder)) if spec.text_encoder is not None else None
+    if spec.text_encoder_from:
+        text = load_text_encoder(spec.text_encoder_from)
+    else:
+        text = TextEncoder(TextEncoderConfig(**spec.text_encoder)) if spec.text_encoder is not None else None
     pad = 0 if text is not None and text.config.kind == "openclip" else 49407
     tokenizer = ClipTokenizer(max_length=text.config.max_length, pad_token_id=pad) if text is not None else None
     sample_size = spec.sample_size or data.image_size // vae.downsample_factor
@@ -116,7 +126,11 @@ def run(args: argparse.Namespace) -> None:
     """Check the config and the data, then build the models and train."""
     task = getattr(args, "task", "diffusion")
     config = read_config(args)
-    if task != "autoencoder":
+    if task == "clip":
+        from ldm.modules.clip import ClipConfig
+
+        config_from_dict(ClipConfig, config.clip, args.config, "clip.")
+    elif task != "autoencoder":
         check_model_spec(config.model, args.config)
     if task == "finetune":
         from ldm.training.lora import check_finetune
@@ -127,8 +141,7 @@ def run(args: argparse.Namespace) -> None:
 
     torch.manual_seed(config.seed)  # weight initialisation of whatever is built from configs (and LoRA's A)
     trainer = build_task(task, config, args.config)
-    hook = sample_grid_writer(config) if task in ("diffusion", "finetune") and config.sample_prompts else None
-    final = run_training(config, trainer, dataset, on_checkpoint=hook)
+    final = run_training(config, trainer, dataset, on_checkpoint=checkpoint_hooks(config, task))
     logger.info("model written to %s", final)
     if task == "finetune":
         from ldm.training.lora import export_finetuned
@@ -159,12 +172,31 @@ def resolve_scale_factor(value: Any, vae: Any, data: DataConfig, count: int = 51
     return scale
 
 
+def load_text_encoder(source: str) -> Any:
+    """The text encoder of a CLIP folder (its text tower) or of a model folder, or of a demo name."""
+    from pipelines.base import resolve_source
+
+    path = resolve_source(source)
+    if (path / "config.json").is_file() and not (path / "model.yaml").is_file():
+        from ldm.modules.clip import load_clip, text_encoder_from_clip
+
+        return text_encoder_from_clip(load_clip(path))
+    from pipelines import load_models
+
+    text = load_models(path).text_encoder
+    if text is None:
+        raise ConfigError(f"model.text_encoder_from={source!r} has no text encoder; allowed: a CLIP or text-to-image "
+                          "model folder")
+    return text
+
+
 def load_autoencoder(path: str) -> Any:
     """The autoencoder of any model folder (``ldm train-autoencoder`` writes one with only that)."""
     from autoencoder import AutoencoderConfig, AutoencoderKL
     from ldm.io import read_checkpoint
+    from pipelines.base import resolve_source
 
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(resolve_source(path))
     vae = AutoencoderKL(config_from_dict(AutoencoderConfig, checkpoint.config["vae"], str(path), "vae."))
     vae.load_state_dict(checkpoint.weights["vae"])
     return vae
@@ -185,6 +217,8 @@ def build_task(task: str, config: TrainConfig, source: str) -> Any:
 
             perceptual = load_lpips(config.lpips_weights)
         return AutoencoderTask(vae, config.loss, source, perceptual)
+    if task == "clip":
+        return clip_task(config, source)
     models = build_models(spec, config.data)
     if task == "classifier":
         from ldm.modules.classifier import ClassifierConfig, NoiseAwareClassifier
@@ -201,6 +235,61 @@ def build_task(task: str, config: TrainConfig, source: str) -> Any:
     from ldm.training.diffusion import DiffusionTask
 
     return DiffusionTask(config, models)
+
+
+def clip_task(config: TrainConfig, source: str) -> Any:
+    """A CLIP of ``config.clip``'s sizes (or the one of ``model.init_from``) in its contrastive task."""
+    from ldm.conditioning.tokenizer import ClipTokenizer
+    from ldm.modules.clip import ClipConfig, build_clip, load_clip
+    from ldm.training.clip import ClipTask
+
+    if config.model.init_from:
+        from pipelines.base import resolve_source
+
+        clip = load_clip(resolve_source(config.model.init_from))
+    else:
+        clip = build_clip(config_from_dict(ClipConfig, config.clip, source, "clip."))
+    tokenizer = ClipTokenizer(max_length=clip.config.text_config.max_position_embeddings, pad_token_id=49407)
+    return ClipTask(clip, tokenizer)
+
+
+def checkpoint_hooks(config: TrainConfig, task: str) -> Any:
+    """What runs at each checkpoint of a text-to-image run: the sample grid and the adherence curve."""
+    if task not in ("diffusion", "finetune"):
+        return None
+    if config.eval_every and config.eval_every % config.checkpoint_every:
+        raise ConfigError(f"eval_every={config.eval_every} is not allowed with checkpoint_every="
+                          f"{config.checkpoint_every}; allowed: 0 or a multiple of checkpoint_every")
+    hooks = [sample_grid_writer(config)] if config.sample_prompts else []
+    hooks += [adherence_curve_writer(config)] if config.eval_every else []
+    return lambda step, folder, accelerator: [hook(step, folder, accelerator) for hook in hooks]
+
+
+def adherence_curve_writer(config: TrainConfig):
+    """A checkpoint hook: every ``eval_every`` steps (and at the end), the detector's adherence of the checkpoint's
+    (EMA) model on ``eval_count`` held-out prompts, appended to ``OUTPUT_DIR/curve.jsonl`` with the samples seen."""
+
+    def write(step: int, folder: Any, accelerator: Any) -> None:
+        import json
+
+        from pipelines import TextToImagePipeline
+        from pipelines.evaluation.text_to_image import generate_batches, heldout_prompts, split_adherence
+
+        if step % config.eval_every and step != config.optim.max_steps:
+            return
+        pipe = TextToImagePipeline.from_pretrained(folder / "model", device=accelerator.device)
+        prompts = heldout_prompts(config.eval_count, config.eval_seed)
+        images = generate_batches(pipe, prompts, 7.5, 25, "dpmpp_2m", seed=config.eval_seed, batch_size=64)
+        o = config.optim
+        record = {"step": step, "samples": step * o.batch_size * o.grad_accum * accelerator.num_processes,
+                  **split_adherence(prompts, images)}
+        with open(Path(config.output_dir) / "curve.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        flat = {f"adherence/{part}.{key}": value for part in ("one_object", "two_object")
+                for key, value in record[part].items()}
+        accelerator.log(flat, step=step)
+
+    return write
 
 
 def sample_grid_writer(config: TrainConfig):

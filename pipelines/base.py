@@ -24,7 +24,7 @@ from pipelines.models import Models, load_models
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-DEMO_MODELS = ("demo", "demo-sr", "demo-semantic", "demo-classifier")
+DEMO_MODELS = ("demo", "demo-sr", "demo-semantic", "demo-classifier", "demo-clip")  # demo-clip: a CLIPModel folder
 
 
 @dataclasses.dataclass

@@ -210,7 +210,7 @@ _WORDS = {
 _WORDS["bg_part"] = r"(?: on a (?P<background>{bg}) background)?".format(**_WORDS)
 _ONE = re.compile(
     r"an?(?: (?P<size>{size}))? (?P<colour>{colour}) (?P<shape>{shape})"
-    r"(?: (?:{prep}) (?P<position>{position}))?{bg_part}$".format(**_WORDS)
+    r"(?: (?P<prep>{prep}) (?P<position>{position}))?{bg_part}$".format(**_WORDS)
 )
 _TWO = re.compile(
     r"an? (?P<colour>{colour}) (?P<shape>{shape}) (?P<relation>{relation}) "
@@ -221,7 +221,7 @@ _TWO = re.compile(
 def parse_caption(caption: str) -> dict[str, str | None]:
     """The attributes a caption states (absent optional parts are None); ``ValueError`` if the
     caption is outside the SHAPES.md grammar ("an" is accepted for "a" in prompts).
-    Two-object captions give colour2, shape2, relation."""
+    One-object captions also give the preposition ``prep``; two-object ones colour2, shape2, relation."""
     match = _ONE.match(caption) or _TWO.match(caption)
     if match is None:
         raise ValueError(f"caption {caption!r} does not follow the shapes grammar (SHAPES.md)")
@@ -376,9 +376,14 @@ def caption_matches(caption: str, image: np.ndarray, tolerance: float = 60.0) ->
     """Whether the image shows exactly what the caption states (prompt adherence): the number of
     objects, each stated attribute, the relation between two objects and the background."""
     wanted = parse_caption(caption)
-    if wanted["background"] and detect_background(image, tolerance) != wanted["background"]:
+    background = detect_background(image, tolerance) if wanted["background"] else None
+    return scene_matches(wanted, background, detect_objects(image, tolerance))
+
+
+def scene_matches(wanted: dict[str, str | None], background: str | None, found: list[ShapeObject]) -> bool:
+    """Whether a scene (its background and objects) shows what the parsed caption ``wanted`` states."""
+    if wanted["background"] and background != wanted["background"]:
         return False
-    found = detect_objects(image, tolerance)
     if wanted.get("relation"):
         return _pair_matches(wanted, found)
     if len(found) != 1:

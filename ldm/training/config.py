@@ -34,9 +34,9 @@ class DataConfig:
 
 @dataclass
 class ModelSpec:
-    """Start from ``init_from`` (any model format), or build from the component configs. With ``init_from``,
-    ``unet`` may add inputs (``coordinate_channels``, ``layout_channels``, a larger ``in_channels``:
-    ``widen_inputs``) and ``schedule`` fields replace the loaded model's; the other component configs are not used."""
+    """Start from ``init_from`` (any model format or demo name), or build from the component configs. With
+    ``init_from``, ``unet`` may add inputs (a larger ``in_channels``: ``widen_inputs``) and ``schedule`` fields
+    replace the loaded model's; the other component configs are not used."""
 
     init_from: str | None = None
     autoencoder_from: str | None = None  # take the (frozen) autoencoder of this model
@@ -45,6 +45,9 @@ class ModelSpec:
     unet: dict[str, Any] = field(default_factory=dict)
     vae: dict[str, Any] = field(default_factory=dict)
     text_encoder: dict[str, Any] | None = field(default_factory=dict)  # None: no text conditioning
+    # take the text encoder (config and weights) of this CLIP folder (ldm train-clip, transformers' CLIPModel) or
+    # model folder, or demo name, e.g. "demo-clip"; model.text_encoder must then be left empty
+    text_encoder_from: str | None = None
     schedule: dict[str, Any] = field(default_factory=dict)
     concat: dict[str, Any] | None = None  # {"kind": "image"} (low-res copy) or {"kind": "semantic", "num_classes": 4}
     sample_size: int | None = None  # latent side; default image_size / VAE factor
@@ -120,10 +123,16 @@ class TrainConfig:
     param_checksums: bool = False  # write each rank's parameter checksum per step (multi-process checks)
     loss: dict[str, Any] = field(default_factory=dict)  # train-autoencoder: AutoencoderLossConfig fields
     classifier: dict[str, Any] = field(default_factory=dict)  # train-classifier: ClassifierConfig fields
+    clip: dict[str, Any] = field(default_factory=dict)  # train-clip: ClipConfig fields (ldm.modules.clip)
     tracker: str | None = "tensorboard"  # Accelerate tracker for losses and sample grids; None: log.jsonl only
     sample_prompts: tuple[str, ...] = ("a red circle", "a large blue square in the top left",
                                        "a yellow triangle above a green square", "")  # grid at each checkpoint
     sample_steps: int = 20
+    # every eval_every steps (at a checkpoint), the checkpoint's model draws eval_count held-out prompts of data seed
+    # eval_seed (guidance 7.5, 25 dpmpp_2m steps) and the detector's adherence goes to OUTPUT_DIR/curve.jsonl
+    eval_every: int = 0
+    eval_count: int = 300
+    eval_seed: int = 4002
     lora: dict[str, Any] | None = None  # finetune: {"rank": 4, "alpha": 4} trains LoRA adapters only
 
 
