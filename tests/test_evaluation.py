@@ -121,20 +121,30 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     small_models(concat={"kind": "image", "upscale": 4}, text=False).save(paths["super-resolution"])
     small_models(concat={"kind": "semantic", "num_classes": 4}, text=False).save(paths["semantic"])
     small_models(classifier=True, text=False).save(paths["classifier"])
+    from ldm.modules.clip import ClipConfig, build_clip, save_clip
+
+    paths["clip"] = root / "clip"
+    torch.manual_seed(0)
+    save_clip(build_clip(ClipConfig(text={"width": 32, "layers": 1, "heads": 2, "max_length": 32}, image_size=32,
+                                    vision_width=32, vision_layers=1, vision_heads=2, projection_dim=16)), paths["clip"])
     return paths
 
 
-@pytest.mark.parametrize("task", ["text-to-image", "super-resolution", "semantic", "classifier"])
+@pytest.mark.parametrize("task", ["text-to-image", "super-resolution", "semantic", "classifier", "clip"])
 def test_ldm_eval_writes_report_and_pictures(task: str, small: dict[str, Path], tmp_path: Path, capsys) -> None:
     code = main(["eval", task, "--model", str(small[task]), "-o", str(tmp_path), "--count", "6", "--steps", "2",
-                 "--guidance", "1,3"])
+                 "--guidance", "1,3", "--clip", str(small["clip"])])
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / f"{task}.json").read_text())
     assert report["task"] == task
+    if task == "clip":  # a report only: hard-negative accuracy per kind, each a share of its pairs
+        assert report["images"] == 6 and all(0 <= e["accuracy"] <= 1 for e in report["by_kind"].values())
+        return
     pictures = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pictures and all((tmp_path / p).stat().st_size > 0 for p in pictures)
     if task == "text-to-image":
         assert list(report["by_guidance"]) == ["1.0", "3.0"] and "text-to-image-adherence.png" in pictures
+        assert {"clip_score", "hard_negative", "by_kind"} <= set(report["by_guidance"]["3.0"]["clip"])
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -287,19 +287,19 @@ def test_scale_factor_auto_is_one_over_the_latent_std(tmp_path: Path) -> None:
 def test_init_from_may_add_unet_inputs_and_change_the_schedule(learned_diffusion: Path, tmp_path: Path) -> None:
     from pipelines import load_models
 
-    out = tmp_path / "coords"
+    out = tmp_path / "wider"
     subprocess.run(train_command(out) + ["--max-steps", "1", "--set", f"model.init_from={learned_diffusion / 'model'}",
-                                         "--set", "model.unet.coordinate_channels=true", "--set", "optim.lr=0",
+                                         "--set", "model.unet.in_channels=6", "--set", "optim.lr=0",
                                          "--set", "model.schedule.beta_schedule=linear", "--set", "model.schedule.beta_end=0.02"],
                    check=True, env=ENV, capture_output=True, cwd=ROOT)
     # init_from starts from the model's EMA weights, as sampling does; lr 0 keeps them
     before, after = load_models(learned_diffusion / "model"), load_models(out / "model", use_ema=False)
-    assert after.unet.config.coordinate_channels and not before.unet.config.coordinate_channels
+    assert (before.unet.config.in_channels, after.unet.config.in_channels) == (4, 6)
     assert (after.schedule.beta_schedule, after.schedule.beta_end) == ("linear", 0.02)  # fine-tuned to a new schedule
     assert after.schedule.prediction_type == before.schedule.prediction_type  # the fields not set are kept
-    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, before.unet.config.context_dim)
-    with torch.no_grad():  # only the zero-initialised coordinate inputs are new, so the function is unchanged
-        assert torch.allclose(before.unet(x, 300, context), after.unet(x, 300, context), atol=1e-5)
+    x, extra, context = torch.randn(2, 4, 8, 8), torch.randn(2, 2, 8, 8), torch.randn(2, 5, before.unet.config.context_dim)
+    with torch.no_grad():  # only the zero-initialised inputs are new, so the function is unchanged
+        assert torch.allclose(before.unet(x, 300, context), after.unet(torch.cat([x, extra], 1), 300, context), atol=1e-5)
     bad = subprocess.run(train_command(tmp_path / "bad") + ["--set", f"model.init_from={learned_diffusion / 'model'}",
                                                            "--set", "model.unet.num_res_blocks=3"],
                          env=ENV, capture_output=True, text=True, cwd=ROOT)
@@ -322,3 +322,18 @@ def test_text_encoder_lr_scale_sets_its_share_of_the_first_adamw_step(tmp_path: 
     trained = load_state_dict(tmp_path / "model" / "unet.safetensors")
     change = max((trained[k] - v).abs().max().item() for k, v in models.unet.state_dict().items())
     assert change == pytest.approx(rate, rel=0.02)
+
+
+def test_a_frozen_text_encoder_computes_each_caption_once() -> None:
+    from ldm.training.config import load_train_config
+    from ldm.training.diffusion import DiffusionTask
+
+    config = load_train_config(SMOKE, sets=["model.train_text_encoder=false"])
+    models = smoke_models_at_init()
+    task = DiffusionTask(config, models)
+    captions = ["a red circle", "", "a red circle", "a blue square above a red circle"]
+    cached = task.contexts.get(models.text_encoder, models.tokenizer, captions, torch.device("cpu"))
+    with torch.no_grad():
+        direct = models.text_encoder(models.tokenizer(captions))  # the whole batch through the encoder
+    torch.testing.assert_close(cached, direct, atol=1e-5, rtol=0)
+    assert len(task.contexts.contexts) == 3 and not models.text_encoder.training

@@ -25,6 +25,20 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> 
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
+class ContextCache:
+    """The frozen text encoder's context per caption, computed once, one caption at a time (so a caption's
+    context does not depend on the batch it first came in: a resumed run gets the same numbers)."""
+
+    def __init__(self) -> None:
+        self.contexts: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def get(self, text_encoder: nn.Module, tokenizer: Any, captions: list[str], device: torch.device) -> Tensor:
+        for caption in dict.fromkeys(c for c in captions if c not in self.contexts):
+            self.contexts[caption] = text_encoder(tokenizer([caption]).to(device))[0]
+        return torch.stack([self.contexts[c] for c in captions])  # (B, L, D)
+
+
 class DiffusionTask:
     """Trains the U-Net (and the text encoder when ``model.train_text_encoder``) of ``models``."""
 
@@ -43,6 +57,7 @@ class DiffusionTask:
         models.unet.train()
         self.device = torch.device("cpu")
         self.cache = LatentCache() if config.cache_latents else None
+        self.contexts = ContextCache() if models.text_encoder is not None and not self.train_text else None
 
     def groups(self) -> list[list[nn.Module]]:
         m = self.models
@@ -68,7 +83,10 @@ class DiffusionTask:
         m, size = self.models, tuple(latents.shape[-2:])
         if m.text_encoder is not None:
             captions = drop_captions(batch["caption"], self.config.objective.cond_dropout, generator)
-            context = m.text_encoder(m.tokenizer(captions).to(self.device))
+            if self.contexts is not None:  # a frozen encoder: each caption's context is computed once
+                context = self.contexts.get(m.text_encoder, m.tokenizer, captions, self.device)
+            else:
+                context = m.text_encoder(m.tokenizer(captions).to(self.device))
         else:
             context = torch.zeros(latents.shape[0], 1, unwrap(m.unet).config.context_dim, device=self.device)
         out = {"context": context}

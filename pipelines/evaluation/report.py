@@ -54,3 +54,29 @@ def image_grid(rows: list[list[np.ndarray]], scale: int = 2) -> Image.Image:
 def to_uint8(images: Any) -> list[np.ndarray]:
     """(B, 3, H, W) tensors in [0, 1] → uint8 arrays (H, W, 3)."""
     return [np.round(im.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for im in images]
+
+
+def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Adherence against training samples seen, one line style per run (``curve.jsonl`` records of
+    ``eval_every``): one-object attributes and whole prompt, two-object relation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = {"one object: attributes": ("one_object", "attributes"),
+               "one object: whole prompt": ("one_object", "whole"), "two objects: relation": ("two_object", "relation")}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4), dpi=110, sharey=True)
+    for ax, (title, (part, key)) in zip(axes, metrics.items()):
+        for name, records in curves.items():
+            ax.plot([r["samples"] / 1000 for r in records], [r[part].get(key, np.nan) for r in records], marker=".",
+                    label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training samples (thousands)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (detector, guidance 7.5)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

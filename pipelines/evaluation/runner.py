@@ -13,9 +13,9 @@ from pipelines.evaluation.report import image_grid, plot_adherence, to_uint8, wr
 
 logger = logging.getLogger(__name__)
 
-EVALUATIONS = ("text-to-image", "super-resolution", "semantic", "classifier")
+EVALUATIONS = ("text-to-image", "super-resolution", "semantic", "classifier", "clip")
 DEFAULT_MODELS = {"text-to-image": "demo", "super-resolution": "demo-sr", "semantic": "demo-semantic",
-                  "classifier": "demo-classifier"}
+                  "classifier": "demo-classifier", "clip": "demo-clip"}
 
 
 @dataclass
@@ -27,6 +27,7 @@ class EvalOptions:
     guidance: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 7.5, 12.0])
     classifier_scales: list[float] = field(default_factory=lambda: [0.0, 10.0])
     device: str = "cpu"
+    clip: str | None = "demo-clip"  # text-to-image: the CLIP that scores the images too (None: the detector only)
 
 
 def run_evaluation(task: str, output: str | Path, model: str | None = None,
@@ -50,6 +51,12 @@ def _text_to_image(out: Path, model: str, o: EvalOptions) -> dict[str, Any]:
 
     pipe = TextToImagePipeline.from_pretrained(model, device=o.device)
     report, extra = evaluate_text_to_image(pipe, o.count, o.seed, o.guidance, o.steps, o.sampler)
+    if o.clip:
+        from pipelines.evaluation.clip_score import ClipJudge, clip_scores
+
+        judge = ClipJudge(o.clip, o.device)
+        for scale in o.guidance:  # beside the detector's numbers: CLIP score and hard-negative score
+            report["by_guidance"][str(scale)]["clip"] = clip_scores(judge, extra["images"][scale], extra["prompts"])
     plot_adherence(report, out / "text-to-image-adherence.png")
     rows = [extra["images"][scale][:12] for scale in o.guidance]  # a row per guidance scale, the same 12 prompts
     image_grid(rows).save(out / "text-to-image-grid.png")
@@ -97,5 +104,11 @@ def _classifier(out: Path, model: str, o: EvalOptions) -> dict[str, Any]:
     return report
 
 
+def _clip(out: Path, model: str, o: EvalOptions) -> dict[str, Any]:
+    from pipelines.evaluation.clip_score import ClipJudge, evaluate_clip
+
+    return evaluate_clip(ClipJudge(model, o.device), o.count, o.seed + 3)
+
+
 _RUNNERS = {"text-to-image": _text_to_image, "super-resolution": _super_resolution, "semantic": _semantic,
-            "classifier": _classifier}
+            "classifier": _classifier, "clip": _clip}

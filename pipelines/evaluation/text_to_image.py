@@ -38,9 +38,13 @@ def evaluate_text_to_image(pipe: TextToImagePipeline, count: int, seed: int, gui
     images_by_scale = {}
     for scale in guidance_scales:
         images = generate_batches(pipe, prompts, scale, steps, sampler, seed, batch_size)
-        scores = [score_adherence(p, im) for p, im in zip(prompts, images)]
-        one = [s for s in scores if "shape" in s]
-        two = [s for s in scores if "relation" in s]
-        report["by_guidance"][str(scale)] = {"one_object": summarize_adherence(one), "two_object": summarize_adherence(two)}
+        report["by_guidance"][str(scale)] = split_adherence(prompts, images)
         images_by_scale[scale] = images
     return report, {"prompts": prompts, "images": images_by_scale}
+
+
+def split_adherence(prompts: list[str], images: list[np.ndarray]) -> dict[str, dict[str, float]]:
+    """Adherence summaries of the one-object and of the two-object prompts."""
+    scores = [score_adherence(p, im) for p, im in zip(prompts, images)]
+    return {"one_object": summarize_adherence([s for s in scores if "shape" in s]),
+            "two_object": summarize_adherence([s for s in scores if "relation" in s])}
