@@ -34,7 +34,7 @@ def cold(runs: int) -> list[float]:
     times = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(runs):
-            command = [sys.executable, "-m", "ldm.cli", "generate", "a red circle in the top left",
+            command = [sys.executable, "-m", "ldm_toolkit.cli", "generate", "a red circle in the top left",
                        "--seed", str(seed), "-o", str(Path(tmp) / "out.png")]
             start = time.perf_counter()
             subprocess.run(command, check=True, capture_output=True)

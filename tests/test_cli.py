@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sd_fixtures import small_models
 
-from ldm.cli import main
+from ldm_toolkit.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +101,14 @@ def test_unparsable_argument_gives_one_line(capsys) -> None:
 def test_missing_and_corrupt_models_in_a_subprocess(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"\x01" * 100)
     for model, message in ((tmp_path / "nope", "does not exist"), (tmp_path / "bad.safetensors", "not a readable safetensors")):
-        result = subprocess.run([sys.executable, "-m", "ldm.cli", "generate", "a red circle", "--model", str(model),
+        result = subprocess.run([sys.executable, "-m", "ldm_toolkit.cli", "generate", "a red circle", "--model", str(model),
                                  "-o", str(tmp_path / "x.png")], capture_output=True, text=True)
         assert result.returncode == 2
         assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_help_has_examples() -> None:
-    result = subprocess.run([sys.executable, "-m", "ldm.cli", "generate", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "ldm_toolkit.cli", "generate", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "examples:" in result.stdout and "--classifier-scale" in result.stdout
 
 

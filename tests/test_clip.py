@@ -97,13 +97,13 @@ def test_contrastive_items_carry_a_negative_per_kind() -> None:
 @pytest.fixture(scope="module")
 def smoke_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("clip")
-    subprocess.run([sys.executable, "-m", "ldm.train", SMOKE, "--task", "clip", "--output-dir", str(out)],
+    subprocess.run([sys.executable, "-m", "ldm_toolkit.train", SMOKE, "--task", "clip", "--output-dir", str(out)],
                    check=True, env=ENV, capture_output=True, cwd=ROOT)
     return out
 
 
 def test_train_clip_resumes_bitwise(smoke_clip: Path, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "ldm.train", SMOKE, "--task", "clip", "--output-dir", str(tmp_path)]
+    command = [sys.executable, "-m", "ldm_toolkit.train", SMOKE, "--task", "clip", "--output-dir", str(tmp_path)]
     subprocess.run(command + ["--max-steps", "3"], check=True, env=ENV, capture_output=True, cwd=ROOT)
     subprocess.run(command, check=True, env=ENV, capture_output=True, cwd=ROOT)  # continues from step 3 to 6
     for name in ("model.safetensors", "training.safetensors"):
@@ -115,7 +115,7 @@ def test_text_encoder_from_a_clip_folder_is_its_text_tower_and_stays_frozen(smok
     from pipelines import load_models
 
     smoke = str(ROOT / "configs" / "demo" / "smoke.yaml")
-    subprocess.run([sys.executable, "-m", "ldm.train", smoke, "--output-dir", str(tmp_path), "--max-steps", "2",
+    subprocess.run([sys.executable, "-m", "ldm_toolkit.train", smoke, "--output-dir", str(tmp_path), "--max-steps", "2",
                     "--set", f"model.text_encoder_from={smoke_clip / 'model'}", "--set", "model.text_encoder={}",
                     "--set", "model.train_text_encoder=false", "--set", "model.unet.context_dim=32"],
                    check=True, env=ENV, capture_output=True, cwd=ROOT)

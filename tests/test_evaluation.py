@@ -12,7 +12,7 @@ import pytest
 import torch
 from sd_fixtures import small_models
 
-from ldm.cli import main
+from ldm_toolkit.cli import main
 from ldm.data.shapes import BACKGROUNDS, SHAPES, ShapeObject, make_sample, render
 from pipelines.evaluation import run_evaluation, score_adherence, summarize_adherence
 from pipelines.evaluation.classifier import evaluate_classifier_guidance

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from sd_fixtures import small_models
 
-import ldm.train
-import ldm.training.lora
-from ldm.cli import main as cli_main
+import ldm_toolkit.train
+import pipelines.training.lora
+from ldm_toolkit.cli import main as cli_main
 from ldm.training.loop import unwrap
-from ldm.training.lora import LoraTask, load_lora, merge_lora, read_lora_settings
+from pipelines.training.lora import LoraTask, load_lora, merge_lora, read_lora_settings
 from pipelines import load_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def lora_run(data: Path) -> LoraRun:
     """The CLI run (25 steps, seed 0), and the trained adapter model's output, taken just before the
     run merges the adapters for its exports."""
     out, found = data / "lora", {}
-    real_export = ldm.training.lora.export_finetuned
+    real_export = pipelines.training.lora.export_finetuned
 
     def spy(task: LoraTask, output_dir: str) -> list[Path]:
         task.models.unet = unwrap(task.models.unet).cpu().eval()  # trained on an accelerator where there is one
@@ -72,7 +72,7 @@ def lora_run(data: Path) -> LoraRun:
         return real_export(task, output_dir)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ldm.training.lora, "export_finetuned", spy)
+        patch.setattr(pipelines.training.lora, "export_finetuned", spy)
         assert cli_main(finetune_args(data, out, STEPS)) == 0
     assert isinstance(found["task"], LoraTask)
     return LoraRun(out, found["task"], found["output"])
@@ -114,7 +114,7 @@ def test_adapters_load_back_exactly(lora_run: LoraRun) -> None:
 
 def test_resume_loads_the_adapters(lora_run: LoraRun) -> None:
     torch.manual_seed(123)  # fresh adapters with a different A (B = 0: the base model's output)
-    resumed = ldm.train.build_task("finetune", lora_run.task.config, FINETUNE)
+    resumed = ldm_toolkit.train.build_task("finetune", lora_run.task.config, FINETUNE)
     assert (unet_output(resumed.models.unet.eval()) - lora_run.adapter_output).abs().max() > 1e-3
     resumed.load_model(lora_run.out / "checkpoints" / f"step-{STEPS:08d}" / "model")  # what a resumed run loads
     torch.testing.assert_close(unet_output(resumed.models.unet), lora_run.adapter_output, rtol=0, atol=0)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ldm.io.files import load_state_dict
-from ldm.train import main
+from ldm_toolkit.train import main
 from ldm.training import checkpoints
 from ldm.training.checkpoints import latest_checkpoint
 
@@ -26,7 +26,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 def smoke_models_at_init() -> Any:
     """The smoke config's models as a run builds them before its first step (weights drawn after seeding)."""
-    from ldm.train import build_models
+    from ldm_toolkit.train import build_models
     from ldm.training.config import load_train_config
 
     config = load_train_config(SMOKE)
@@ -35,7 +35,7 @@ def smoke_models_at_init() -> Any:
 
 
 def train_command(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ldm.train", SMOKE, "--output-dir", str(out), "--max-steps", "6",
+    return [sys.executable, "-m", "ldm_toolkit.train", SMOKE, "--output-dir", str(out), "--max-steps", "6",
             "--checkpoint-every", "3", *extra]
 
 
@@ -109,7 +109,7 @@ def test_two_processes_keep_equal_weights_and_rank0_writes(tmp_path: Path) -> No
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "ldm.train", SMOKE, "--output-dir", str(out), "--max-steps", "3", "--checkpoint-every", "2",
+               "-m", "ldm_toolkit.train", SMOKE, "--output-dir", str(out), "--max-steps", "3", "--checkpoint-every", "2",
                "--set", "param_checksums=true"]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -141,9 +141,9 @@ def write_config(tmp_path: Path, text: str) -> str:
     ],
 )
 def test_configs_are_checked_before_models_are_built(tmp_path: Path, capsys, monkeypatch, text: str, message: str) -> None:
-    import ldm.train
+    import ldm_toolkit.train
 
-    monkeypatch.setattr(ldm.train, "build_models", lambda *a: pytest.fail("a model was built"))
+    monkeypatch.setattr(ldm_toolkit.train, "build_models", lambda *a: pytest.fail("a model was built"))
     assert main([write_config(tmp_path, text), "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
@@ -190,18 +190,18 @@ def test_checkpoints_come_with_a_sample_grid_and_tensorboard_logs(learned_diffus
 
 def test_autoencoder_trainer_lowers_its_reconstruction_loss(tmp_path: Path) -> None:
     config = str(ROOT / "configs" / "demo" / "autoencoder-smoke.yaml")
-    subprocess.run([sys.executable, "-m", "ldm.train", config, "--task", "autoencoder", "--output-dir", str(tmp_path),
+    subprocess.run([sys.executable, "-m", "ldm_toolkit.train", config, "--task", "autoencoder", "--output-dir", str(tmp_path),
                     "--max-steps", "40", "--checkpoint-every", "100"], check=True, env=ENV, capture_output=True, cwd=ROOT)
     # measured: L1 of steps 1-5 ≈ 0.756, of steps 36-40 ≈ 0.614 (×0.81)
     assert mean_loss(tmp_path, "rec_loss", False, 5) < 0.9 * mean_loss(tmp_path, "rec_loss", True, 5)
-    from ldm.train import load_autoencoder
+    from ldm_toolkit.train import load_autoencoder
 
     assert load_autoencoder(str(tmp_path / "model")).config.downsample_factor == 4
 
 
 def test_classifier_trainer_lowers_its_loss(learned_diffusion: Path, tmp_path: Path) -> None:
     config = str(ROOT / "configs" / "demo" / "classifier-smoke.yaml")
-    subprocess.run([sys.executable, "-m", "ldm.train", config, "--task", "classifier", "--output-dir", str(tmp_path),
+    subprocess.run([sys.executable, "-m", "ldm_toolkit.train", config, "--task", "classifier", "--output-dir", str(tmp_path),
                     "--max-steps", "300", "--checkpoint-every", "1000", "--set", f"model.init_from={learned_diffusion / 'model'}",
                     "--set", "optim.batch_size=32", "--set", "optim.lr=2e-3", "--set", "ema.enabled=false"],
                    check=True, env=ENV, capture_output=True, cwd=ROOT)
@@ -232,7 +232,7 @@ def test_missing_lpips_weights_are_named(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("case", ["empty", "unreadable"])
 def test_bad_image_folders_stop_before_models_are_built(tmp_path: Path, capsys, monkeypatch, case: str) -> None:
-    import ldm.train
+    import ldm_toolkit.train
 
     folder = tmp_path / "data"
     folder.mkdir()
@@ -241,7 +241,7 @@ def test_bad_image_folders_stop_before_models_are_built(tmp_path: Path, capsys, 
     else:
         (folder / "a.png").write_bytes(b"not a png")
         (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a red circle"}\n')
-    monkeypatch.setattr(ldm.train, "build_models", lambda *a: pytest.fail("a model was built"))
+    monkeypatch.setattr(ldm_toolkit.train, "build_models", lambda *a: pytest.fail("a model was built"))
     code = main([SMOKE, "--output-dir", str(tmp_path / "o"), "--set", "data.kind=folder", "--set", f"data.path={folder}"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and str(folder) in err
@@ -270,7 +270,7 @@ def test_learning_rate_warms_up_holds_and_decays() -> None:
 def test_scale_factor_auto_is_one_over_the_latent_std(tmp_path: Path) -> None:
     from autoencoder import AutoencoderConfig, AutoencoderKL
     from ldm.data.shapes import ShapesDataset
-    from ldm.train import resolve_scale_factor
+    from ldm_toolkit.train import resolve_scale_factor
     from ldm.training.config import DataConfig
     from ldm.training.loop import collate
 
@@ -326,7 +326,7 @@ def test_text_encoder_lr_scale_sets_its_share_of_the_first_adamw_step(tmp_path: 
 
 def test_a_frozen_text_encoder_computes_each_caption_once() -> None:
     from ldm.training.config import load_train_config
-    from ldm.training.diffusion import DiffusionTask
+    from pipelines.training.diffusion import DiffusionTask
 
     config = load_train_config(SMOKE, sets=["model.train_text_encoder=false"])
     models = smoke_models_at_init()

@@ -18,6 +18,7 @@ from ldm.io.checkpoint import write_folder
 from ldm.io.files import load_state_dict
 from ldm.training.ema import EMA
 from ldm.training.loop import encode_latents, unwrap
+from pipelines.models import Models
 
 CLASS_NAMES = list(SHAPES)  # the shapes domain's labels, by index
 
@@ -25,7 +26,7 @@ CLASS_NAMES = list(SHAPES)  # the shapes domain's labels, by index
 class ClassifierTask:
     """Trains ``models.classifier``; the written folder is the guided model plus its classifier."""
 
-    def __init__(self, models: Any, latents: str = "sample") -> None:
+    def __init__(self, models: Models, latents: str = "sample") -> None:
         self.models, self.latents = models, latents
         self.schedule = NoiseSchedule.from_config(models.schedule)
         for module in (models.unet, models.vae, models.text_encoder):

@@ -1,7 +1,7 @@
-"""``ldm train CONFIG`` — also ``accelerate launch -m ldm.train CONFIG`` for several processes.
+"""``ldm train CONFIG`` — also ``accelerate launch -m ldm_toolkit.train CONFIG`` for several processes.
 
-Like the CLI this is an entry point (nothing imports it), so it may assemble the pipelines'
-model container; the loop itself (ldm.training) only sees modules.
+Like the CLI this is an entry point above every package (nothing imports it): it assembles the pipelines'
+model bundle and its training tasks (``pipelines.training``); the loop itself (``ldm.training``) only sees modules.
 """
 
 from __future__ import annotations
@@ -11,12 +11,17 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ldm.config import ConfigError, config_from_dict
 from ldm.training.config import DataConfig, ModelSpec, TrainConfig, load_train_config
+
+if TYPE_CHECKING:  # imported where used: `ldm --help` stays fast
+    from autoencoder import AutoencoderKL
+    from ldm.conditioning.text import TextEncoder
+    from pipelines import Models
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +88,7 @@ def check_model_spec(spec: ModelSpec, source: str) -> None:
         check_scale_factor(spec.vae["scale_factor"], source)
 
 
-def build_models(spec: ModelSpec, data: DataConfig) -> Any:
+def build_models(spec: ModelSpec, data: DataConfig) -> Models:
     from autoencoder import AutoencoderConfig, AutoencoderKL
     from ldm.conditioning.text import TextEncoder, TextEncoderConfig
     from ldm.conditioning.tokenizer import ClipTokenizer
@@ -133,7 +138,7 @@ def run(args: argparse.Namespace) -> None:
     elif task != "autoencoder":
         check_model_spec(config.model, args.config)
     if task == "finetune":
-        from ldm.training.lora import check_finetune
+        from pipelines.training.lora import check_finetune
 
         check_finetune(config, args.config)
     dataset = build_dataset(config.data, task)
@@ -144,7 +149,7 @@ def run(args: argparse.Namespace) -> None:
     final = run_training(config, trainer, dataset, on_checkpoint=checkpoint_hooks(config, task))
     logger.info("model written to %s", final)
     if task == "finetune":
-        from ldm.training.lora import export_finetuned
+        from pipelines.training.lora import export_finetuned
 
         export_finetuned(trainer, config.output_dir)
 
@@ -172,7 +177,7 @@ def resolve_scale_factor(value: Any, vae: Any, data: DataConfig, count: int = 51
     return scale
 
 
-def load_text_encoder(source: str) -> Any:
+def load_text_encoder(source: str) -> TextEncoder:
     """The text encoder of a CLIP folder (its text tower) or of a model folder, or of a demo name."""
     from pipelines.base import resolve_source
 
@@ -190,7 +195,7 @@ def load_text_encoder(source: str) -> Any:
     return text
 
 
-def load_autoencoder(path: str) -> Any:
+def load_autoencoder(path: str) -> AutoencoderKL:
     """The autoencoder of any model folder (``ldm train-autoencoder`` writes one with only that)."""
     from autoencoder import AutoencoderConfig, AutoencoderKL
     from ldm.io import read_checkpoint
@@ -222,17 +227,17 @@ def build_task(task: str, config: TrainConfig, source: str) -> Any:
     models = build_models(spec, config.data)
     if task == "classifier":
         from ldm.modules.classifier import ClassifierConfig, NoiseAwareClassifier
-        from ldm.training.classifier import CLASS_NAMES, ClassifierTask
+        from pipelines.training.classifier import CLASS_NAMES, ClassifierTask
 
         fields = {"in_channels": models.vae.config.latent_channels, "num_classes": len(CLASS_NAMES), **config.classifier}
         models.classifier = NoiseAwareClassifier(config_from_dict(ClassifierConfig, fields, source, "classifier."))
         models.class_names = models.class_names or CLASS_NAMES
         return ClassifierTask(models, config.objective.latents)
     if task == "finetune":
-        from ldm.training.lora import finetune_task
+        from pipelines.training.lora import finetune_task
 
         return finetune_task(config, models, source)
-    from ldm.training.diffusion import DiffusionTask
+    from pipelines.training.diffusion import DiffusionTask
 
     return DiffusionTask(config, models)
 

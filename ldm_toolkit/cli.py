@@ -23,12 +23,12 @@ EXAMPLES = {
     "ldm eval super-resolution -o eval/ --count 300\nldm eval classifier -o eval/ --classifier-scales 0,10\n"
     "ldm eval clip -o eval/ --count 1000  # demo-clip's hard-negative accuracy per kind on held-out images",
     "train": "ldm train configs/demo/smoke.yaml --output-dir runs/smoke --max-steps 20 --set optim.lr=2e-4\n"
-    "accelerate launch --multi_gpu --num_processes 2 -m ldm.train configs/demo/smoke.yaml",
+    "accelerate launch --multi_gpu --num_processes 2 -m ldm_toolkit.train configs/demo/smoke.yaml",
     "train-autoencoder": "ldm train-autoencoder configs/demo/autoencoder-smoke.yaml --output-dir runs/ae\n"
-    "accelerate launch --multi_gpu --num_processes 2 -m ldm.train configs/demo/autoencoder-smoke.yaml --task autoencoder",
+    "accelerate launch --multi_gpu --num_processes 2 -m ldm_toolkit.train configs/demo/autoencoder-smoke.yaml --task autoencoder",
     "train-classifier": "ldm train-classifier configs/demo/classifier-smoke.yaml --set model.init_from=runs/smoke/model",
     "train-clip": "ldm train-clip configs/demo/clip.yaml --output-dir runs/demo/clip\n"
-    "accelerate launch --multi_gpu --num_processes 2 -m ldm.train configs/demo/clip-smoke.yaml --task clip",
+    "accelerate launch --multi_gpu --num_processes 2 -m ldm_toolkit.train configs/demo/clip-smoke.yaml --task clip",
     "finetune": "ldm finetune configs/demo/finetune-smoke.yaml --set model.init_from=runs/smoke/model\n"
     "ldm finetune configs/demo/finetune-smoke.yaml --set data.kind=folder --set data.path=my-images --set lora=null",
 }
@@ -165,13 +165,13 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from ldm.train import add_common_arguments
+    from ldm_toolkit.train import add_common_arguments
 
     add_common_arguments(p)
 
 
 def _train(args: argparse.Namespace) -> None:
-    from ldm.train import run
+    from ldm_toolkit.train import run
 
     logging.getLogger().setLevel(logging.INFO)
     args.task = {"train": "diffusion", "train-autoencoder": "autoencoder", "train-classifier": "classifier",

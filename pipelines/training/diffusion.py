@@ -11,12 +11,14 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from ldm.conditioning.spatial import image_condition, semantic_condition
+from ldm.conditioning.tokenizer import ClipTokenizer
 from ldm.diffusion import NoiseSchedule, diffusion_loss
 from ldm.io.checkpoint import write_folder
 from ldm.io.files import load_state_dict
 from ldm.training.config import TrainConfig
 from ldm.training.ema import EMA
 from ldm.training.loop import LatentCache, encode_latents, unwrap
+from pipelines.models import Models
 
 
 def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
@@ -33,7 +35,7 @@ class ContextCache:
         self.contexts: dict[str, Tensor] = {}
 
     @torch.no_grad()
-    def get(self, text_encoder: nn.Module, tokenizer: Any, captions: list[str], device: torch.device) -> Tensor:
+    def get(self, text_encoder: nn.Module, tokenizer: ClipTokenizer, captions: list[str], device: torch.device) -> Tensor:
         for caption in dict.fromkeys(c for c in captions if c not in self.contexts):
             self.contexts[caption] = text_encoder(tokenizer([caption]).to(device))[0]
         return torch.stack([self.contexts[c] for c in captions])  # (B, L, D)
@@ -42,7 +44,7 @@ class ContextCache:
 class DiffusionTask:
     """Trains the U-Net (and the text encoder when ``model.train_text_encoder``) of ``models``."""
 
-    def __init__(self, config: TrainConfig, models: Any) -> None:
+    def __init__(self, config: TrainConfig, models: Models) -> None:
         self.config, self.models = config, models
         self.schedule = NoiseSchedule.from_config(models.schedule)
         models.unet.config.gradient_checkpointing = config.gradient_checkpointing

@@ -22,9 +22,10 @@ from torch import nn
 from ldm.config import ConfigError, config_from_dict, config_to_dict
 from ldm.io import CheckpointError, export_checkpoint, load_state_dict, read_checkpoint, save_state_dict
 from ldm.training.config import TrainConfig
-from ldm.training.diffusion import DiffusionTask
 from ldm.training.ema import EMA
 from ldm.training.loop import unwrap
+from pipelines.models import Models
+from pipelines.training.diffusion import DiffusionTask
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def set_lora_weights(unet: nn.Module, folder: str | Path) -> None:
                               f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]})")
 
 
-def load_lora(models: Any, folder: str | Path) -> Any:
+def load_lora(models: Models, folder: str | Path) -> Any:
     """Inject the adapters saved in ``folder`` into ``models.unet`` (the base model it was trained
     from; ``read_lora_settings(folder)[1]`` names it) and load their weights. Returns ``models``."""
     settings, _ = read_lora_settings(folder)
@@ -145,7 +146,7 @@ class LoraTask(DiffusionTask):
     frozen, the optimizer sees only the adapters, the model folder holds only the adapters. No EMA:
     the saved adapters are the trained ones."""
 
-    def __init__(self, config: TrainConfig, models: Any, settings: LoraSettings, base_model: str | None) -> None:
+    def __init__(self, config: TrainConfig, models: Models, settings: LoraSettings, base_model: str | None) -> None:
         super().__init__(config, models)
         self.settings, self.base_model = settings, base_model
         if models.text_encoder is not None:
@@ -179,7 +180,7 @@ class LoraTask(DiffusionTask):
         set_lora_weights(unwrap(self.models.unet), path)
 
 
-def finetune_task(config: TrainConfig, models: Any, source: str) -> DiffusionTask:
+def finetune_task(config: TrainConfig, models: Models, source: str) -> DiffusionTask:
     """The task of ``ldm finetune``: LoRA when ``config.lora`` is set, else the full diffusion task."""
     native = models.sample_size * models.vae.downsample_factor
     if config.data.image_size != native:
