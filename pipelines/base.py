@@ -16,8 +16,9 @@ from torch import Tensor
 
 from autoencoder import tiled_decode
 from ldm.conditioning.spatial import as_condition_batch
-from ldm.diffusion import SAMPLERS, ClassifierFreeGuidance, ClassifierGuidance, NoiseSchedule
-from ldm.diffusion.samplers import Callback, Model, sample
+from ldm.diffusion import SAMPLERS, ClassifierFreeGuidance, ClassifierGuidance, Denoiser, NoiseSchedule
+from ldm.diffusion.denoiser import DenoiserLike
+from ldm.diffusion.samplers import Callback, sample
 from ldm.validation import check_choice, check_float, check_int
 from pipelines.models import Models, load_models
 
@@ -111,38 +112,38 @@ class Pipeline:
             return latents.to(self.device, torch.float32), generator
         return torch.randn(shape, generator=generator).to(self.device), generator
 
-    def run_sampler(self, denoiser: Model, noise: Tensor, sampler: str, steps: int, generator: torch.Generator, *,
-                    x0: Tensor | None = None, strength: float = 1.0, eta: float = 0.0, progress: bool = True,
+    def run_sampler(self, denoiser: DenoiserLike, noise: Tensor, sampler: str, steps: int, generator: torch.Generator,
+                    *, x0: Tensor | None = None, strength: float = 1.0, eta: float = 0.0, progress: bool = True,
                     callback: Callback | None = None) -> Tensor:
         check_choice("sampler", sampler, SAMPLERS)
         check_int("num_inference_steps", steps, 1, self.schedule.num_train_timesteps)
         options = {"eta": check_float("eta", eta, 0.0)} if sampler == "ddim" else {}
         cfg = self.models.schedule
-
-        def model(x: Tensor, t: Tensor) -> Tensor:
-            return denoiser(x.to(self.dtype), t).float()
-
-        return sample(sampler, model, noise, self.schedule, steps, prediction_type=cfg.prediction_type, x0=x0,
-                      strength=strength, steps_offset=cfg.steps_offset, timestep_spacing=cfg.timestep_spacing, generator=generator, callback=callback,
-                      progress=progress, **options)
+        return sample(sampler, denoiser, noise, self.schedule, steps, prediction_type=cfg.prediction_type, x0=x0,
+                      strength=strength, steps_offset=cfg.steps_offset, timestep_spacing=cfg.timestep_spacing,
+                      generator=generator, callback=callback, progress=progress, **options)
 
     def guided(self, context: Tensor, uncond: Tensor, scale: float, rescale: float = 0.0,
-               concat: Tensor | None = None) -> Model:
+               concat: Tensor | None = None) -> DenoiserLike:
         """The denoiser: classifier-free guidance of the U-Net over the text (one batched
         forward), with a concat condition (if any) fed to both branches; the plain conditional
-        U-Net when ``scale`` is 1 (the guided result equals it)."""
+        U-Net when ``scale`` is 1 (the guided result equals it). The U-Net runs in the pipeline's
+        dtype; the sampler sees float32."""
         check_float("guidance_scale", scale, 0.0)
         unet = self.models.unet
 
         def net(x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+            x = x.to(self.dtype)
             if "concat" in cond:
                 x = torch.cat([x, cond["concat"].to(x.dtype)], dim=1)  # (B, C + C_cond, h, w)
-            return unet(x, t, cond["context"])
+            return unet(x, t, cond["context"]).float()
 
         cond = {"context": context} if concat is None else {"context": context, "concat": concat}
+        prediction_type = self.models.schedule.prediction_type
         if scale == 1.0 and rescale == 0.0:
-            return lambda x, t: net(x, t, cond)
-        return ClassifierFreeGuidance(net, cond, {**cond, "context": uncond}, scale, rescale)
+            return Denoiser(lambda x, t: net(x, t, cond), self.schedule, prediction_type)
+        denoiser = Denoiser(net, self.schedule, prediction_type)
+        return ClassifierFreeGuidance(denoiser, cond, {**cond, "context": uncond}, scale, rescale)
 
     @torch.no_grad()
     def decode(self, latents: Tensor, output_type: str, tile: int | None = None) -> PipelineOutput:
@@ -191,7 +192,8 @@ class Pipeline:
         optional start latents (image-to-image at ``strength``) and classifier guidance."""
         n = check_int("num_images_per_prompt", num_images_per_prompt, 1)
         if len(negatives) not in (1, len(prompts)):
-            raise ValueError(f"negative_prompt has {len(negatives)} entries; allowed: 1 or {len(prompts)} (one per prompt)")
+            raise ValueError(f"negative_prompt has {len(negatives)} entries; "
+                             f"allowed: 1 or {len(prompts)} (one per prompt)")
         negatives = negatives * (len(prompts) if len(negatives) == 1 else 1)
         batch = len(prompts) * n
         shape = self.latent_shape(batch, height, width)
@@ -201,20 +203,21 @@ class Pipeline:
             concat = as_condition_batch(concat.to(self.device), batch)
         denoiser = self.guided(context, uncond, guidance_scale, guidance_rescale, concat)
         if class_labels is not None:
-            denoiser = self.classifier_guided(denoiser, class_labels.repeat_interleave(n).to(self.device), classifier_scale)
+            labels = class_labels.repeat_interleave(n).to(self.device)  # (P·n,)
+            denoiser = self.classifier_guided(denoiser, labels, classifier_scale)
         noise, generator = self.initial_noise(shape, seed, latents)
         x0 = None if init_latents is None else init_latents.to(self.device).expand(shape)
         result = self.run_sampler(denoiser, noise, sampler, num_inference_steps, generator, x0=x0, strength=strength,
                                   eta=eta, progress=progress, callback=callback)
         return self.decode(result, output_type, tile)
 
-    def classifier_guided(self, denoiser: Model, labels: Tensor, scale: float) -> Model:
+    def classifier_guided(self, denoiser: DenoiserLike, labels: Tensor, scale: float) -> DenoiserLike:
         classifier = self.models.classifier
         if classifier is None:
-            raise ValueError("class_label needs a noise-aware classifier; this model has none (see ldm train-classifier)")
+            raise ValueError("class_label needs a noise-aware classifier; "
+                             "this model has none (see ldm train-classifier)")
         check_float("classifier_scale", scale, 0.0)
         num = classifier.config.num_classes
         if int(labels.min()) < 0 or int(labels.max()) >= num:
             raise ValueError(f"class_label={int(labels.max())} is not allowed; allowed: 0..{num - 1}")
-        return ClassifierGuidance(denoiser, lambda x, t: classifier(x.float(), t), labels, scale, self.schedule,
-                                  self.models.schedule.prediction_type)
+        return ClassifierGuidance(denoiser, lambda x, t: classifier(x.float(), t), labels, scale)

@@ -3,8 +3,11 @@
 import pytest
 import torch
 
-from ldm.diffusion import ClassifierFreeGuidance, ClassifierGuidance, NoiseSchedule
+from ldm.diffusion import ClassifierFreeGuidance, ClassifierGuidance, Denoiser, NoiseSchedule, sample
 from ldm.diffusion.guidance import cfg_combine
+
+SCHEDULE = NoiseSchedule.create()
+SIGMA = SCHEDULE.sigma_at(500.0).item()  # t(σ) = 500
 
 
 class CountingNet:
@@ -21,28 +24,38 @@ class CountingNet:
 def setup():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 2, 4, 4, generator=generator)
-    t = torch.full((3,), 500.0)
     cond, uncond = torch.tensor([2.0, -1.0, 0.5]), torch.zeros(1)
-    return x, t, cond, uncond
+    return x, cond, uncond
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v", "x0"])
 @pytest.mark.parametrize("scale", [0.0, 1.0, 7.5])
-def test_cfg_scale_is_one_batched_forward(scale: float) -> None:
-    x, t, cond, uncond = setup()
+def test_cfg_scale_is_one_batched_forward(scale: float, prediction_type: str) -> None:
+    x, cond, uncond = setup()
     net = CountingNet()
-    out = ClassifierFreeGuidance(net, cond, uncond, scale)(x, t)
+    denoiser = Denoiser(net, SCHEDULE, prediction_type)
+    x0, eps = ClassifierFreeGuidance(denoiser, cond, uncond, scale).denoise(x, SIGMA)
     assert net.batches == [6]
-    conditional = x * cond.reshape(-1, 1, 1, 1) + 0.5
+    # the network outputs, combined as u + s·(c - u) in the network's own output space
+    x_t, t = denoiser.network_input(x, SIGMA)
+    assert t.tolist() == [500.0] * 3
+    conditional = x_t * cond.reshape(-1, 1, 1, 1) + 0.5
     unconditional = torch.zeros_like(x) + 0.5
-    torch.testing.assert_close(out, unconditional + scale * (conditional - unconditional))
+    guided_output = unconditional + scale * (conditional - unconditional)
+    torch.testing.assert_close((x0, eps), denoiser.from_output(x, SIGMA, guided_output))
+    # ... which is the same combination of x̂0 and of ε̂: both are affine in the output at fixed x and σ
+    c0, c_eps = denoiser.from_output(x, SIGMA, conditional)
+    u0, u_eps = denoiser.from_output(x, SIGMA, unconditional)
+    torch.testing.assert_close(x0, u0 + scale * (c0 - u0))
+    torch.testing.assert_close(eps, u_eps + scale * (c_eps - u_eps))
     if scale == 1.0:
-        torch.testing.assert_close(out, conditional)
+        torch.testing.assert_close((x0, eps), (c0, c_eps))
     if scale == 0.0:
-        torch.testing.assert_close(out, unconditional)
+        torch.testing.assert_close((x0, eps), (u0, u_eps))
 
 
 def test_cfg_with_dict_conditions() -> None:
-    x, t, cond, uncond = setup()
+    x, cond, uncond = setup()
     seen = {}
 
     def net(x, t, c):
@@ -50,9 +63,12 @@ def test_cfg_with_dict_conditions() -> None:
         return x * c["text"].reshape(-1, 1, 1, 1) + c["image"]
 
     image = torch.randn(3, 2, 4, 4)
-    out = ClassifierFreeGuidance(net, {"text": cond, "image": image}, {"text": uncond, "image": image}, 3.0)(x, t)
+    denoiser = Denoiser(net, SCHEDULE)
+    cfg = ClassifierFreeGuidance(denoiser, {"text": cond, "image": image}, {"text": uncond, "image": image}, 3.0)
+    _, eps = cfg.denoise(x, SIGMA)
     assert seen["text"].shape == (6,) and seen["image"].shape == (6, 2, 4, 4)
-    torch.testing.assert_close(out, image + 3.0 * x * cond.reshape(-1, 1, 1, 1))
+    x_t, _ = denoiser.network_input(x, SIGMA)
+    torch.testing.assert_close(eps, image + 3.0 * x_t * cond.reshape(-1, 1, 1, 1))
 
 
 def test_guidance_rescale() -> None:
@@ -71,36 +87,55 @@ def test_classifier_guidance_uses_the_analytic_gradient(prediction_type: str) ->
     """A linear classifier has ∇ log softmax(Wx)_y = W_y - Σ_k p_k W_k in closed form."""
     schedule = NoiseSchedule.create()
     generator = torch.Generator().manual_seed(3)
-    x = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    x = torch.randn(4, 6, generator=generator, dtype=torch.float64)  # the VP sample x_t
     t = torch.tensor([10.0, 200.0, 500.0, 900.0])
     weight = torch.randn(3, 6, generator=generator, dtype=torch.float64)
     labels = torch.tensor([0, 2, 1, 2])
+    seen_t = []
     model = lambda x, t: torch.sin(x)  # noqa: E731
-    classifier = lambda x, t: x @ weight.T  # noqa: E731
-    guided = ClassifierGuidance(model, classifier, labels, 2.5, schedule, prediction_type)(x, t)
+    classifier = lambda x, t: seen_t.append(t) or x @ weight.T  # noqa: E731
+    sigma = schedule.sigma_at(t)  # one σ per sample
+    denoiser = Denoiser(model, schedule, prediction_type)
+    x_ve = x * (1 + sigma**2).sqrt()[:, None]  # the same sample in the VE form x0 + σ ε
+    x0_hat, eps_hat = ClassifierGuidance(denoiser, classifier, labels, 2.5).denoise(x_ve, sigma)
+    assert seen_t[0].tolist() == t.tolist()
 
     probs = torch.softmax(x @ weight.T, dim=-1)
     grad = weight[labels] - probs @ weight
     ab = schedule.alpha_bar_at(t).reshape(-1, 1)
     eps = torch.sin(x) if prediction_type == "epsilon" else ab.sqrt() * torch.sin(x) + (1 - ab).sqrt() * x
-    eps_hat = eps - 2.5 * (1 - ab).sqrt() * grad
-    if prediction_type == "epsilon":
-        expected = eps_hat
-    else:
-        x0 = (x - (1 - ab).sqrt() * eps_hat) / ab.sqrt()
-        expected = ab.sqrt() * eps_hat - (1 - ab).sqrt() * x0
-    torch.testing.assert_close(guided, expected)
+    expected_eps = eps - 2.5 * (1 - ab).sqrt() * grad
+    torch.testing.assert_close(eps_hat, expected_eps)
+    torch.testing.assert_close(x0_hat, (x - (1 - ab).sqrt() * expected_eps) / ab.sqrt())
 
 
 def test_classifier_guidance_combines_with_cfg() -> None:
-    x, t, cond, uncond = setup()
+    x, cond, uncond = setup()
     net = CountingNet()
-    cfg = ClassifierFreeGuidance(net, cond, uncond, 4.0)
+    cfg = ClassifierFreeGuidance(Denoiser(net, SCHEDULE), cond, uncond, 4.0)
     classifier = lambda x, t: torch.stack([x.mean(dim=(1, 2, 3)), -x.mean(dim=(1, 2, 3))], dim=1)  # noqa: E731
-    guided = ClassifierGuidance(cfg, classifier, torch.tensor([0, 1, 0]), 0.0, NoiseSchedule.create())(x, t)
-    torch.testing.assert_close(guided, cfg(x, t))
-    pushed = ClassifierGuidance(cfg, classifier, torch.tensor([0, 1, 0]), 5.0, NoiseSchedule.create())(x, t)
+    guided = ClassifierGuidance(cfg, classifier, torch.tensor([0, 1, 0]), 0.0)
+    torch.testing.assert_close(guided.denoise(x, SIGMA), cfg.denoise(x, SIGMA))
+    pushed = ClassifierGuidance(cfg, classifier, torch.tensor([0, 1, 0]), 5.0).denoise(x, SIGMA)
     assert net.batches == [6, 6, 6]
     # ε̂ = ε - s√(1-ᾱ)∇log p(y|x): label 0 raises mean(x), so ε drops there; label 1 the opposite
-    shift = (cfg(x, t) - pushed).mean(dim=(1, 2, 3))
+    shift = (cfg.denoise(x, SIGMA)[1] - pushed[1]).mean(dim=(1, 2, 3))
     assert shift[0] > 0 > shift[1] and shift[2] > 0
+    # and x̂0 = x - σ ε̂ moves the other way, by σ times as much
+    torch.testing.assert_close(pushed[0] - cfg(x, SIGMA), SIGMA * (cfg.denoise(x, SIGMA)[1] - pushed[1]))
+
+
+def test_guidance_over_a_bare_network_is_bound_by_sample() -> None:
+    """The documented call: guidance of a bare network, its prediction type given to ``sample``."""
+    x, cond, uncond = setup()
+    net = lambda x, t, c: torch.tanh(x * c.reshape(-1, 1, 1, 1) + t.reshape(-1, 1, 1, 1) / 1000)  # noqa: E731
+    classifier = lambda x, t: torch.stack([x.mean(dim=(1, 2, 3)), -x.mean(dim=(1, 2, 3))], dim=1)  # noqa: E731
+    labels = torch.tensor([0, 1, 0])
+    for prediction_type in ("epsilon", "v"):
+        bare = ClassifierGuidance(ClassifierFreeGuidance(net, cond, uncond, 3.0), classifier, labels, 2.0)
+        bound = ClassifierGuidance(ClassifierFreeGuidance(Denoiser(net, SCHEDULE, prediction_type), cond, uncond, 3.0),
+                                   classifier, labels, 2.0)
+        runs = [sample("ddim", model, x, SCHEDULE, 5, prediction_type=prediction_type) for model in (bare, bound)]
+        assert torch.equal(*runs)
+    with pytest.raises(TypeError, match="wraps a bare network"):
+        ClassifierFreeGuidance(net, cond, uncond, 3.0)(x, SIGMA)

@@ -3,6 +3,8 @@
 The same deterministic model function and initial noise go through both; diffusers' loop is
 the one its pipelines run (init_noise_sigma, scale_model_input, step)."""
 
+import math
+
 import pytest
 import torch
 from diffusers import (
@@ -13,8 +15,8 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 
-from ldm.diffusion import NoiseSchedule, make_timesteps, sample
-from ldm.diffusion.samplers import DEFAULT_SPACING, GRID
+from ldm.diffusion import SAMPLERS, Denoiser, NoiseSchedule, initial_state, make_timesteps, sample
+from ldm.diffusion.samplers import DEFAULT_SPACING, GRID, sampler_sigmas
 
 SD15 = {
     "beta_start": 0.00085,
@@ -41,7 +43,9 @@ def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return 0.8 * torch.tanh(0.6 * x + torch.sin(t / 97.0)) + 0.15 * x.roll(1, dims=-1) - 0.05 * torch.cos(t / 300.0)
 
 
-def run_diffusers(name: str, steps: int, noise: torch.Tensor, prediction: str, seed: int, spacing: str | None = None) -> torch.Tensor:
+def run_diffusers(
+    name: str, steps: int, noise: torch.Tensor, prediction: str, seed: int, spacing: str | None = None
+) -> torch.Tensor:
     spacing_cfg = {"timestep_spacing": spacing} if spacing else {}
     scheduler = SCHEDULERS[name].from_config({**SD15, "prediction_type": PREDICTION[prediction], **spacing_cfg})
     scheduler.set_timesteps(steps)
@@ -53,7 +57,9 @@ def run_diffusers(name: str, steps: int, noise: torch.Tensor, prediction: str, s
     return x
 
 
-def run_ours(name: str, steps: int, noise: torch.Tensor, prediction: str, seed: int, spacing: str | None = None) -> torch.Tensor:
+def run_ours(
+    name: str, steps: int, noise: torch.Tensor, prediction: str, seed: int, spacing: str | None = None
+) -> torch.Tensor:
     schedule = NoiseSchedule.create("scaled_linear", 1000, 0.00085, 0.012)
     generator = torch.Generator().manual_seed(seed)
     return sample(name, model_fn, noise, schedule, steps, prediction_type=prediction, steps_offset=1,
@@ -77,7 +83,9 @@ def test_final_sample_matches_diffusers(name: str, steps: int, prediction: str) 
 
 # diffusers' DDIM steps from t to t - ⌊T/N⌋ whatever the spacing, so on a linspace grid it leaves
 # the grid; ours steps to the next grid timestep (the same thing on leading and trailing grids).
-SPACING_CASES = [(n, s) for n in SCHEDULERS for s in ("leading", "linspace", "trailing") if (n, s) != ("ddim", "linspace")]
+SPACING_CASES = [
+    (n, s) for n in SCHEDULERS for s in ("leading", "linspace", "trailing") if (n, s) != ("ddim", "linspace")
+]
 
 
 @pytest.mark.parametrize(("name", "spacing"), SPACING_CASES)
@@ -119,3 +127,33 @@ def test_ddim_on_a_linspace_grid_visits_the_grid() -> None:
     sample("ddim", model_fn, torch.zeros(1, 4, 8, 8), schedule, 7, timestep_spacing="linspace",
            callback=lambda i, t, x, x0: seen.append(float(t)))
     assert seen == make_timesteps(7, 1000, "linspace").tolist() == [999.0, 832.0, 666.0, 500.0, 333.0, 166.0, 0.0]
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+def test_ddim_with_eta_matches_diffusers(eta: float, prediction: str) -> None:
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    scheduler = DDIMScheduler.from_config({**SD15, "prediction_type": PREDICTION[prediction]})
+    scheduler.set_timesteps(20)
+    generator, reference = torch.Generator().manual_seed(9), noise.clone()
+    for t in scheduler.timesteps:
+        out = model_fn(reference, t.float().expand(2))
+        reference = scheduler.step(out, t, reference, eta=eta, generator=generator).prev_sample
+    schedule = NoiseSchedule.create("scaled_linear", 1000, 0.00085, 0.012)
+    ours = sample("ddim", model_fn, noise, schedule, 20, prediction_type=prediction, steps_offset=1, eta=eta,
+                  generator=torch.Generator().manual_seed(9))
+    assert relative_error(ours, reference) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_sample_is_the_sampler_over_sigma(name: str) -> None:
+    """sample() = the sampler function on a Denoiser over the σ grid, between VP and VE forms."""
+    schedule = NoiseSchedule.create("scaled_linear", 1000, 0.00085, 0.012)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    timesteps = make_timesteps(12, 1000, DEFAULT_SPACING[name], 1, **GRID.get(name, {}))
+    sigmas = sampler_sigmas(name, schedule, timesteps)
+    x = initial_state(name, noise, schedule, timesteps[0].item()) * math.sqrt(sigmas[0].item() ** 2 + 1)
+    direct = SAMPLERS[name](Denoiser(model_fn, schedule, "v"), x, sigmas, generator=torch.Generator().manual_seed(4))
+    via = sample(name, model_fn, noise, schedule, 12, prediction_type="v", steps_offset=1,
+                 generator=torch.Generator().manual_seed(4))
+    assert torch.equal(direct / math.sqrt(sigmas[-1].item() ** 2 + 1), via)

@@ -6,8 +6,8 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_zero_snr
 
-from ldm.diffusion import NoiseSchedule, make_betas
-from ldm.diffusion.schedule import predict_eps, predict_x0, prediction_from, rescale_zero_terminal_snr
+from ldm.diffusion import Denoiser, NoiseSchedule, make_betas
+from ldm.diffusion.schedule import prediction_from, rescale_zero_terminal_snr
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,8 @@ def test_q_sample_equals_repeated_single_steps() -> None:
     x = x0.clone()
     for beta in schedule.betas[: t + 1]:
         x = (1 - beta).sqrt() * x + beta.sqrt() * torch.randn(x.shape, generator=generator, dtype=torch.float64)
-    closed = schedule.q_sample(x0, torch.full((x0.numel(),), t), torch.randn(x0.shape, generator=generator, dtype=torch.float64))
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    closed = schedule.q_sample(x0, torch.full((x0.numel(),), t), noise)
     ab = schedule.alpha_bar[t].item()
     for draws in (x, closed):
         assert draws.mean().item() == pytest.approx(0.7 * ab**0.5, abs=5e-3)
@@ -79,15 +80,38 @@ def test_posterior_at_t0_is_x0() -> None:
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v", "x0", "v_prediction", "sample"])
-def test_prediction_conversions_round_trip(kind: str) -> None:
+def test_denoiser_inverts_the_training_target(kind: str) -> None:
+    """The Denoiser reads the training target of (x0, ε) at x = x0 + σ ε back as (x0, ε), σ per sample."""
+    schedule = NoiseSchedule.create()
     generator = torch.Generator().manual_seed(1)
     x0, eps = torch.randn(2, 5, 3, 3, generator=generator, dtype=torch.float64)
-    alpha_bar = torch.tensor([0.9, 0.02, 0.5, 0.999, 0.3], dtype=torch.float64)
+    t = torch.tensor([10.0, 999.0, 500.0, 0.0, 640.5])
+    alpha_bar, sigma = schedule.alpha_bar_at(t), schedule.sigma_at(t)
+    target = prediction_from(x0, eps, alpha_bar, kind)
+    seen = {}
+
+    def net(x_t: torch.Tensor, t_in: torch.Tensor) -> torch.Tensor:
+        seen.update(x_t=x_t, t=t_in)
+        return target
+
+    x = x0 + sigma.reshape(-1, 1, 1) * eps
+    x0_hat, eps_hat = Denoiser(net, schedule, kind).denoise(x, sigma)
+    torch.testing.assert_close(x0_hat, x0)
+    torch.testing.assert_close(eps_hat, eps)
     ab = alpha_bar.reshape(-1, 1, 1)
-    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-    pred = prediction_from(x0, eps, alpha_bar, kind)
-    torch.testing.assert_close(predict_x0(pred, x_t, alpha_bar, kind), x0)
-    torch.testing.assert_close(predict_eps(pred, x_t, alpha_bar, kind), eps)
+    torch.testing.assert_close(seen["x_t"], ab.sqrt() * x0 + (1 - ab).sqrt() * eps)  # the VP sample, eq. 4
+    assert seen["t"].dtype == torch.float32 and seen["t"].tolist() == t.tolist()
+
+
+def test_denoiser_timestep_inverts_sigma_at() -> None:
+    """t(σ(t)) = t to float32 precision: the network sees the exact timesteps the samplers lay out."""
+    schedules = (NoiseSchedule.create(), NoiseSchedule.create("cosine"), NoiseSchedule.create(zero_terminal_snr=True))
+    for schedule in schedules:
+        denoiser = Denoiser(lambda x, t: x, schedule)
+        t = torch.cat([torch.arange(1000.0), torch.linspace(0, 999, 37), torch.tensor([0.25, 998.75])])
+        back = denoiser.timestep(schedule.sigma_at(t))
+        torch.testing.assert_close(back.float(), t, rtol=0, atol=0)
+        assert denoiser.timestep(float(schedule.sigmas[999])).item() == 999.0
 
 
 def test_v_target_definition() -> None:

@@ -26,7 +26,7 @@ from toy2d import (
     train_denoiser,
 )
 
-from ldm.diffusion import SAMPLERS, ClassifierGuidance, NoiseSchedule, sample
+from ldm.diffusion import SAMPLERS, ClassifierGuidance, Denoiser, NoiseSchedule, sample
 
 NUM_SAMPLES = 2000
 NUM_STEPS = 50  # with the default steps_offset=0 the DDPM/DDIM "leading" steps end at t=0
@@ -167,7 +167,7 @@ def test_classifier_guidance_moves_samples_into_the_target_mode(
 ) -> None:
     model = models[prediction_type]
     labels = torch.arange(NUM_SAMPLES) % NUM_MODES
-    guided = ClassifierGuidance(model, classifier, labels, GUIDANCE_SCALE, schedule, prediction_type)
+    guided = ClassifierGuidance(Denoiser(model, schedule, prediction_type), classifier, labels, GUIDANCE_SCALE)
     x_guided = draw("ddim", guided, schedule, prediction_type)
     x_plain = draw("ddim", model, schedule, prediction_type)
     unguided = target_share(x_plain, labels)
@@ -182,7 +182,7 @@ def test_classifier_guidance_moves_samples_into_the_target_mode(
 def test_negated_classifier_pushes_samples_out_of_the_target_mode(eps_model, classifier, schedule) -> None:
     """The guidance test can fail: guiding with -logits (the wrong sign of ∇ log p) empties the target."""
     labels = torch.arange(NUM_SAMPLES) % NUM_MODES
-    guided = ClassifierGuidance(eps_model, lambda x, t: -classifier(x, t), labels, GUIDANCE_SCALE, schedule)
+    guided = ClassifierGuidance(Denoiser(eps_model, schedule), lambda x, t: -classifier(x, t), labels, GUIDANCE_SCALE)
     share = target_share(draw("ddim", guided, schedule, "epsilon"), labels)
     assert share < 0.5 / NUM_MODES, f"share in the target mode {share:.3f} with a negated classifier"
 
@@ -192,6 +192,6 @@ def test_too_strong_guidance_misses_the_conditional(eps_model, classifier, sched
     p(x) p(y | x)² is narrower than p(x | y) (measured: shifted ~1 std outwards, std along the
     circle 0.04 instead of 0.08), and the MMD² to p(x | y) exceeds the bound."""
     labels = torch.arange(NUM_SAMPLES) % NUM_MODES
-    guided = ClassifierGuidance(eps_model, classifier, labels, 2 * GUIDANCE_SCALE, schedule)
+    guided = ClassifierGuidance(Denoiser(eps_model, schedule), classifier, labels, 2 * GUIDANCE_SCALE)
     distance = mmd2(draw("ddim", guided, schedule, "epsilon"), true_conditional(labels))
     assert distance > MMD_BOUND, f"guidance at scale 2 matches p(x | y): MMD² {distance:.5f} <= {MMD_BOUND}"

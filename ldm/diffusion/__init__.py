@@ -1,5 +1,6 @@
-"""The DDPM core: schedules, training objectives, samplers and guidance."""
+"""The DDPM core: schedules, training objectives, the denoiser, samplers and guidance."""
 
+from ldm.diffusion.denoiser import Denoiser, as_denoiser
 from ldm.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from ldm.diffusion.objectives import diffusion_loss, drop_conditions, min_snr_weight
 from ldm.diffusion.samplers import SAMPLERS, initial_state, sample
@@ -10,7 +11,9 @@ __all__ = [
     "SAMPLERS",
     "ClassifierFreeGuidance",
     "ClassifierGuidance",
+    "Denoiser",
     "NoiseSchedule",
+    "as_denoiser",
     "diffusion_loss",
     "drop_conditions",
     "initial_state",

@@ -1,13 +1,21 @@
-"""Guidance as small wrappers that turn networks into a denoiser ``model(x_t, t)``."""
+"""Guidance as small wrappers of a denoiser, each itself a denoiser over σ (composable).
+
+A wrapper takes a :class:`~ldm.diffusion.denoiser.Denoiser` (or another wrapper). Given a bare
+network instead, it stays unbound until ``bind(schedule, prediction_type)``, which ``sample``
+and ``as_denoiser`` call, or until ``schedule`` is passed to it.
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ldm.diffusion.schedule import NoiseSchedule, broadcast, predict_eps, predict_x0, prediction_from
+from ldm.diffusion.denoiser import Denoiser, DenoiserLike, Sigma, as_denoiser
+from ldm.diffusion.schedule import NoiseSchedule, broadcast
 from ldm.validation import check_float, check_same_shape
 
 Condition = Tensor | dict[str, Tensor]
@@ -17,6 +25,11 @@ def _cat(uncond: Condition, cond: Condition) -> Condition:
     if isinstance(cond, dict):
         return {key: _cat(uncond[key], value) for key, value in cond.items()}
     return torch.cat([uncond.expand_as(cond), cond])
+
+
+def _twice(sigma: Sigma) -> Sigma:
+    """σ for the batch [x; x]: a per-sample σ (B,) repeated, a single σ as is."""
+    return torch.cat([sigma, sigma]) if isinstance(sigma, Tensor) and sigma.ndim else sigma
 
 
 def cfg_combine(uncond: Tensor, cond: Tensor, scale: float, rescale: float = 0.0) -> Tensor:
@@ -30,25 +43,66 @@ def cfg_combine(uncond: Tensor, cond: Tensor, scale: float, rescale: float = 0.0
     return rescale * rescaled + (1 - rescale) * guided
 
 
-class ClassifierFreeGuidance:
-    """Classifier-free guidance of ``net(x, t, cond)``: one batched forward of [uncond; cond]."""
+class Guidance:
+    """A denoiser that wraps ``denoiser``; with ``schedule`` a bare network is wrapped at once (see as_denoiser)."""
+
+    def __init__(self, denoiser: Any, schedule: NoiseSchedule | None = None, prediction_type: str = "epsilon") -> None:
+        self.denoiser = denoiser if schedule is None else as_denoiser(denoiser, schedule, prediction_type)
+
+    def bind(self, schedule: NoiseSchedule, prediction_type: str) -> Guidance:
+        """This guidance over ``as_denoiser(denoiser, schedule, prediction_type)`` (a copy)."""
+        bound = copy.copy(self)
+        bound.denoiser = as_denoiser(self.denoiser, schedule, prediction_type)
+        return bound
+
+    def inner(self) -> DenoiserLike:
+        if not hasattr(self.denoiser, "denoise"):
+            raise TypeError(f"{type(self).__name__} wraps a bare network; wrap it in a Denoiser(net, schedule, "
+                            f"prediction_type), call .bind(schedule, prediction_type) or pass it to sample()")
+        return self.denoiser
+
+    def network_input(self, x: Tensor, sigma: Sigma) -> tuple[Tensor, Tensor]:
+        """(x_t, t) of the wrapped Denoiser: the VP sample and its timestep."""
+        return self.inner().network_input(x, sigma)
+
+    def denoise(self, x: Tensor, sigma: Sigma) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor, sigma: Sigma) -> Tensor:
+        return self.denoise(x, sigma)[0]
+
+
+class ClassifierFreeGuidance(Guidance):
+    """Classifier-free guidance (Ho & Salimans 2022) of a Denoiser over ``net(x_t, t, cond)``.
+
+    One batched forward of [uncond; cond]; the two outputs are combined in the network's own output
+    space (as diffusers does, guidance rescale included) and turned into (x̂_0, ε̂) once. Without
+    rescale this is u + s·(c - u) of x̂_0 and of ε̂ too: both are affine in the output at fixed x, σ.
+    """
 
     def __init__(
         self,
-        net: Callable[[Tensor, Tensor, Condition], Tensor],
+        denoiser: Denoiser | Callable[..., Tensor],
         cond: Condition,
         uncond: Condition,
         scale: float = 7.5,
         rescale: float = 0.0,
+        schedule: NoiseSchedule | None = None,
+        prediction_type: str = "epsilon",
     ) -> None:
-        self.net, self.cond, self.uncond = net, cond, uncond
         self.scale = check_float("guidance_scale", scale, 0.0)
         self.rescale = check_float("guidance_rescale", rescale, 0.0, 1.0)
+        self.cond, self.uncond = cond, uncond
+        super().__init__(denoiser, schedule, prediction_type)
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        both = self.net(torch.cat([x, x]), torch.cat([t, t]), _cat(self.uncond, self.cond))
+    def denoise(self, x: Tensor, sigma: Sigma) -> tuple[Tensor, Tensor]:
+        inner = self.inner()
+        if not isinstance(inner, Denoiser):
+            raise TypeError(f"ClassifierFreeGuidance wraps a Denoiser over net(x_t, t, cond); "
+                            f"got {type(inner).__name__}")
+        both = inner.output(torch.cat([x, x]), _twice(sigma), _cat(self.uncond, self.cond))
         uncond, cond = both.chunk(2)  # (2B, ...) → two (B, ...)
-        return cfg_combine(uncond, cond, self.scale, self.rescale)
+        return inner.from_output(x, sigma, cfg_combine(uncond, cond, self.scale, self.rescale))
 
 
 def class_log_prob_grad(classifier: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
@@ -63,30 +117,32 @@ def class_log_prob_grad(classifier: Callable[[Tensor, Tensor], Tensor], x: Tenso
         return torch.autograd.grad(chosen, x_in)[0]
 
 
-class ClassifierGuidance:
-    """Classifier guidance (Dhariwal & Nichol 2021, Alg. 2 / eq. 14):
-    ε̂ = ε - s·√(1-ᾱ_t)·∇_x log p(y | x_t), returned in the wrapped model's prediction type.
-    Wraps any denoiser, so it combines with :class:`ClassifierFreeGuidance`."""
+class ClassifierGuidance(Guidance):
+    """Classifier guidance (Dhariwal & Nichol 2021, Alg. 2 / eq. 14): ε̂ ← ε̂ - s·√(1-ᾱ_t)·∇ log p(y | x_t).
+
+    The classifier sees the VP sample x_t = x/√(σ²+1) at t(σ), and √(1-ᾱ_t) = σ/√(σ²+1); x̂_0 moves by
+    -σ times the change of ε̂ (x = x̂_0 + σ ε̂). Wraps any denoiser, so it combines with
+    :class:`ClassifierFreeGuidance`.
+    """
 
     def __init__(
         self,
-        model: Callable[[Tensor, Tensor], Tensor],
+        denoiser: DenoiserLike | Callable[..., Tensor],
         classifier: Callable[[Tensor, Tensor], Tensor],
         labels: Tensor,
         scale: float,
-        schedule: NoiseSchedule,
+        schedule: NoiseSchedule | None = None,
         prediction_type: str = "epsilon",
     ) -> None:
-        self.model, self.classifier, self.labels = model, classifier, labels
+        self.classifier, self.labels = classifier, labels
         self.scale = check_float("classifier_scale", scale, 0.0)
-        self.schedule, self.prediction_type = schedule, prediction_type
+        super().__init__(denoiser, schedule, prediction_type)
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def denoise(self, x: Tensor, sigma: Sigma) -> tuple[Tensor, Tensor]:
         check_same_shape("labels", tuple(self.labels.shape), (x.shape[0],))
-        pred = self.model(x, t)
-        alpha_bar = self.schedule.alpha_bar_at(t.detach().cpu())
-        grad = class_log_prob_grad(self.classifier, x, t, self.labels)
-        eps = predict_eps(pred, x, alpha_bar, self.prediction_type)
-        eps = eps - self.scale * broadcast((1 - alpha_bar).sqrt(), x) * grad
-        x0 = predict_x0(eps, x, alpha_bar, "epsilon")
-        return prediction_from(x0, eps, alpha_bar, self.prediction_type)
+        x0, eps = self.inner().denoise(x, sigma)
+        x_t, t = self.network_input(x, sigma)
+        s = torch.as_tensor(sigma, dtype=torch.float64)
+        sigma_t = broadcast(s / (1 + s**2).sqrt(), x)  # √(1-ᾱ_t), the VP noise std
+        shift = self.scale * sigma_t * class_log_prob_grad(self.classifier, x_t, t, self.labels)  # ε̂ - ε̂_guided
+        return x0 + broadcast(s, x) * shift, eps - shift

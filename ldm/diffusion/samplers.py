@@ -1,34 +1,34 @@
-"""Samplers as plain functions of a denoiser ``model(x_t, t) -> prediction``.
+"""Samplers as plain functions of a denoiser ``denoiser(x, sigma) -> x̂_0`` over a σ grid (k-diffusion style).
 
-Every sampler takes the state ``x`` at ``timesteps[0]`` in the variance-preserving (VP)
-convention x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, runs the given descending timesteps, and returns the
-clean sample. Randomness comes only from the ``generator`` passed in. The network is called with
-the VP input and a float32 timestep tensor of shape (B,); ``prediction_type`` says what it
-predicts ('epsilon', 'v' or 'x0').
+Every sampler takes the state x = x_0 + σ_0 ε at ``sigmas[0]`` in the variance-exploding form
+(Karras et al. 2022), steps through the descending ``sigmas`` and returns the state at
+``sigmas[-1]`` (0, or DDIM's final σ). It knows nothing of networks, prediction types or
+guidance (see ldm.diffusion.denoiser); randomness comes only from the ``generator`` passed in.
+``sample`` lays out the timestep grid of the matching diffusers scheduler, makes the denoiser
+and converts between the VP form x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε and this one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ldm.diffusion.schedule import (
-    NoiseSchedule,
-    broadcast,
-    normalize_prediction_type,
-    predict_eps,
-    predict_x0,
-)
+from ldm.diffusion.denoiser import as_denoiser
+from ldm.diffusion.schedule import NoiseSchedule, broadcast
 from ldm.diffusion.timesteps import make_timesteps, strength_timesteps
 from ldm.validation import check_choice, check_float, check_same_shape
 
+# What ``sample`` takes: a network (x_t, t) -> prediction, or a denoiser (see as_denoiser)
 Model = Callable[[Tensor, Tensor], Tensor]
-# callback(step_index, t, x_after_step, x0_prediction)
+# callback(step_index, t, x_t after the step (VP), x̂_0), as ``sample`` reports steps
 Callback = Callable[[int, Tensor, Tensor, Tensor], None]
+# callback(step_index, σ, x after the step (VE), x̂_0), as the samplers report steps
+StepCallback = Callable[[int, float, Tensor, Tensor], None]
+DenoiserFn = Callable[[Tensor, float], Tensor]
 
 
 def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -37,194 +37,141 @@ def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-def _steps(timesteps: Tensor, desc: str, progress: bool):
-    return enumerate(tqdm(timesteps.tolist(), desc=desc, disable=not progress, leave=False))
+def _steps(sigmas: Tensor, progress: bool) -> Iterable[tuple[int, tuple[float, float]]]:
+    """(i, (σ_i, σ_{i+1})) as Python floats, behind a progress bar."""
+    s = sigmas.tolist()
+    return enumerate(tqdm(list(zip(s[:-1], s[1:])), disable=not progress, leave=False))
 
 
-def _net(model: Model, x: Tensor, t: float) -> Tensor:
-    return model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32))
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(σ_up, σ_down) with σ_down² + σ_up² = σ_next²: a step to σ_next split into a deterministic step to
+    σ_down and fresh noise of std σ_up; η = 1 is the DDPM posterior's std (Song et al. 2021, eq. 16), as k-diffusion."""
+    sigma_up = min(sigma_next, eta * math.sqrt(max(sigma_next**2 * (sigma**2 - sigma_next**2), 0.0) / sigma**2))
+    return sigma_up, math.sqrt(sigma_next**2 - sigma_up**2)
 
 
 def sample_ddpm(
-    model: Model,
+    denoiser: DenoiserFn,
     x: Tensor,
-    schedule: NoiseSchedule,
-    timesteps: Tensor,
+    sigmas: Tensor,
     *,
-    prediction_type: str = "epsilon",
     variance: str = "small",
     generator: torch.Generator | None = None,
-    callback: Callback | None = None,
+    callback: StepCallback | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Ancestral sampling from p(x_{t'} | x_t) (Ho et al. 2020, Alg. 2) over strided steps t → t'.
+    """Ancestral sampling from q(x_{t'} | x_t, x̂_0) (Ho et al. 2020, Alg. 2, eqs. 6-7) over strided steps.
 
-    ``variance`` 'small' uses σ² = β̃ = (1-ᾱ_{t'})/(1-ᾱ_t)·β, 'large' uses σ² = β, where
-    β = 1 - ᾱ_t/ᾱ_{t'} is the effective beta of the stride.
+    Divided by √ᾱ_{t'} (the VE form) the posterior mean is x̂_0 + (σ'/σ)² (x - x̂_0); its std is η = 1's
+    σ_up of ``ancestral_step`` for 'small' (β̃ = (1-ᾱ_{t'})/(1-ᾱ_t)·β) and √((σ²-σ'²)(1+σ'²)/(1+σ²)) for
+    'large' (β = 1 - ᾱ_t/ᾱ_{t'}, the stride's beta). The step to σ' = 0 adds no noise.
     """
     check_choice("variance", variance, ("small", "large"))
-    ts = timesteps.tolist()
-    for i, t in _steps(timesteps, "ddpm", progress):
-        ab = schedule.alpha_bar_at(t)
-        ab_prev = schedule.alpha_bar_at(ts[i + 1]) if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
-        beta = 1 - ab / ab_prev
-        x0 = predict_x0(_net(model, x, t), x, ab, prediction_type)
-        # posterior mean μ̃(x_t, x_0), Ho et al. 2020 eq. 7
-        x_next = (ab_prev.sqrt() * beta / (1 - ab)).item() * x0 + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)).item() * x
-        if t > 0:
-            var = ((1 - ab_prev) / (1 - ab) * beta).clamp(min=1e-20) if variance == "small" else beta
-            x_next = x_next + var.sqrt().item() * randn_like(x, generator)
-        x = x_next
+    for i, (sigma, sigma_next) in _steps(sigmas, progress):
+        x0 = denoiser(x, sigma)
+        x = x0 + (sigma_next / sigma) ** 2 * (x - x0)
+        if sigma_next > 0:
+            if variance == "small":
+                std = ancestral_step(sigma, sigma_next)[0]
+            else:
+                std = math.sqrt((sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2))
+            x = x + std * randn_like(x, generator)
         if callback is not None:
-            callback(i, torch.tensor(t), x, x0)
-    return x
-
-
-def sample_ddim(
-    model: Model,
-    x: Tensor,
-    schedule: NoiseSchedule,
-    timesteps: Tensor,
-    *,
-    prediction_type: str = "epsilon",
-    eta: float = 0.0,
-    final_alpha_bar: float | None = None,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> Tensor:
-    """DDIM (Song et al. 2021, eq. 12); η=0 is deterministic, η=1 matches DDPM's variance.
-
-    After the last step ᾱ is ``final_alpha_bar``, by default ᾱ_0 as in Stable Diffusion's
-    configuration (``set_alpha_to_one=False``).
-    """
-    check_float("eta", eta, 0.0)
-    final = schedule.alpha_bar[0] if final_alpha_bar is None else torch.tensor(final_alpha_bar, dtype=torch.float64)
-    ts = timesteps.tolist()
-    for i, t in _steps(timesteps, "ddim", progress):
-        ab = schedule.alpha_bar_at(t)
-        ab_prev = schedule.alpha_bar_at(ts[i + 1]) if i + 1 < len(ts) else final
-        pred = _net(model, x, t)
-        x0 = predict_x0(pred, x, ab, prediction_type)
-        eps = predict_eps(pred, x, ab, prediction_type)
-        # clamp: a final_alpha_bar below ᾱ_t would make the variance negative (its root NaN even at η=0)
-        std = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
-        x = ab_prev.sqrt().item() * x0 + (1 - ab_prev - std**2).sqrt().item() * eps
-        if eta > 0:
-            x = x + std.item() * randn_like(x, generator)
-        if callback is not None:
-            callback(i, torch.tensor(t), x, x0)
-    return x
-
-
-def sample_dpmpp_2m(
-    model: Model,
-    x: Tensor,
-    schedule: NoiseSchedule,
-    timesteps: Tensor,
-    *,
-    prediction_type: str = "epsilon",
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> Tensor:
-    """DPM-Solver++(2M), midpoint form (Lu et al. 2022, Alg. 2), ending at σ = 0.
-
-    With α_t = 1/√(1+σ_t²), s_t = σ_t α_t and λ_t = log(α_t/s_t), each step is
-    x ← (s_next/s) x - α_next (e^{-h} - 1) D, with D the current x̂_0 on the first step and
-    x̂_0 + (x̂_0 - x̂_0^prev)/(2r) after it (r = h_prev/h); the last step (to σ=0) returns x̂_0.
-    """
-    sigmas = torch.cat([schedule.sigma_at(timesteps), torch.zeros(1, dtype=torch.float64)])
-    lambdas = -sigmas.log()  # λ = log(α/s) = -log σ
-    x0_prev = None
-    for i, t in _steps(timesteps, "dpmpp_2m", progress):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = predict_x0(_net(model, x, t), x, 1 / (1 + sigma**2), prediction_type)
-        if sigma_next == 0:
-            x_next = x0
-        else:
-            h = lambdas[i + 1] - lambdas[i]
-            d = x0
-            if x0_prev is not None:
-                r = (lambdas[i] - lambdas[i - 1]) / h
-                d = x0 + (x0 - x0_prev) / (2 * r.item())
-            alpha_next = 1 / (1 + sigma_next**2).sqrt()
-            ratio = (sigma_next / sigma) * ((1 + sigma**2) / (1 + sigma_next**2)).sqrt()  # s_next / s
-            x_next = ratio.item() * x - (alpha_next * torch.expm1(-h)).item() * d
-        x, x0_prev = x_next, x0
-        if callback is not None:
-            callback(i, torch.tensor(t), x, x0)
-    return x
-
-
-def _x0_from_ve(pred: Tensor, x: Tensor, sigma: float, prediction_type: str) -> Tensor:
-    """x̂_0 from a network output, for a sample x = x_0 + σ ε in the variance-exploding form."""
-    kind = normalize_prediction_type(prediction_type)
-    if kind == "epsilon":
-        return x - sigma * pred
-    if kind == "v":
-        return pred * (-sigma / math.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
-    return pred
-
-
-def _euler(
-    model: Model,
-    x: Tensor,
-    schedule: NoiseSchedule,
-    timesteps: Tensor,
-    prediction_type: str,
-    generator: torch.Generator | None,
-    callback: Callback | None,
-    progress: bool,
-    ancestral: bool,
-) -> Tensor:
-    sigmas = torch.cat([schedule.sigma_at(timesteps), torch.zeros(1, dtype=torch.float64)]).tolist()
-    x = x * math.sqrt(sigmas[0] ** 2 + 1)  # VP → VE: x = x_0 + σ ε
-    for i, t in _steps(timesteps, "euler_a" if ancestral else "euler", progress):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        pred = _net(model, x / math.sqrt(sigma**2 + 1), t)
-        x0 = _x0_from_ve(pred, x, sigma, prediction_type)
-        d = (x - x0) / sigma  # dx/dσ of the probability-flow ODE (Karras et al. 2022, eq. 4)
-        sigma_up = 0.0
-        if ancestral:  # split the step into a deterministic part and fresh noise (k-diffusion)
-            sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
-            sigma_next = math.sqrt(sigma_next**2 - sigma_up**2)
-        x = x + d * (sigma_next - sigma)
-        if ancestral:
-            x = x + randn_like(x, generator) * sigma_up
-        if callback is not None:
-            callback(i, torch.tensor(t), x, x0)
+            callback(i, sigma, x, x0)
     return x
 
 
 def sample_euler(
-    model: Model,
+    denoiser: DenoiserFn,
     x: Tensor,
-    schedule: NoiseSchedule,
-    timesteps: Tensor,
+    sigmas: Tensor,
     *,
-    prediction_type: str = "epsilon",
     generator: torch.Generator | None = None,
-    callback: Callback | None = None,
+    callback: StepCallback | None = None,
     progress: bool = False,
 ) -> Tensor:
     """Euler's method on the probability-flow ODE in σ (Karras et al. 2022, Alg. 1 without churn)."""
-    return _euler(model, x, schedule, timesteps, prediction_type, generator, callback, progress, False)
+    for i, (sigma, sigma_next) in _steps(sigmas, progress):
+        x0 = denoiser(x, sigma)
+        d = (x - x0) / sigma  # dx/dσ (Karras et al. 2022, eq. 4)
+        x = x + d * (sigma_next - sigma)
+        if callback is not None:
+            callback(i, sigma, x, x0)
+    return x
 
 
 def sample_euler_ancestral(
-    model: Model,
+    denoiser: DenoiserFn,
     x: Tensor,
-    schedule: NoiseSchedule,
-    timesteps: Tensor,
+    sigmas: Tensor,
     *,
-    prediction_type: str = "epsilon",
+    eta: float = 1.0,
     generator: torch.Generator | None = None,
-    callback: Callback | None = None,
+    callback: StepCallback | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Euler ancestral: an Euler step to σ_down, then fresh noise of std σ_up (k-diffusion)."""
-    return _euler(model, x, schedule, timesteps, prediction_type, generator, callback, progress, True)
+    """Euler ancestral: an Euler step to σ_down, then fresh noise of std σ_up (k-diffusion, ``ancestral_step``)."""
+    check_float("eta", eta, 0.0)
+    for i, (sigma, sigma_next) in _steps(sigmas, progress):
+        x0 = denoiser(x, sigma)
+        sigma_up, sigma_down = ancestral_step(sigma, sigma_next, eta)
+        d = (x - x0) / sigma
+        x = x + d * (sigma_down - sigma)
+        if eta > 0:
+            x = x + randn_like(x, generator) * sigma_up
+        if callback is not None:
+            callback(i, sigma, x, x0)
+    return x
+
+
+def sample_ddim(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12); η=0 is deterministic, η=1 matches DDPM's variance.
+
+    Divided by √ᾱ_{t'} its step reads x' = x̂_0 + σ_down ε̂ + σ_up z with (σ_up, σ_down) of
+    ``ancestral_step`` at η: the Euler ancestral step (the Euler step itself at η = 0).
+    """
+    return sample_euler_ancestral(denoiser, x, sigmas, eta=eta, generator=generator, callback=callback,
+                                  progress=progress)
+
+
+def sample_dpmpp_2m(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """DPM-Solver++(2M), midpoint form (Lu et al. 2022, Alg. 2), in the VE form of k-diffusion.
+
+    With λ = -log σ and h = λ_next - λ each step is x ← (σ_next/σ) x - (e^{-h} - 1) D, with D the
+    current x̂_0 on the first step and x̂_0 + (x̂_0 - x̂_0^prev)/(2r) after it (r = h_prev/h); the last
+    step (to σ = 0) returns x̂_0.
+    """
+    x0_prev, h_prev = None, 0.0
+    for i, (sigma, sigma_next) in _steps(sigmas, progress):
+        x0 = denoiser(x, sigma)
+        if sigma_next == 0:
+            x = x0
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) / (2 * h_prev / h)
+            x = (sigma_next / sigma) * x - math.expm1(-h) * d
+            h_prev = h
+        x0_prev = x0
+        if callback is not None:
+            callback(i, sigma, x, x0)
+    return x
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
@@ -236,12 +183,21 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 }
 # Each sampler's default spacing and timestep grid, as in the matching diffusers scheduler:
 # the Euler samplers take fractional timesteps, DPM-Solver lays out N+1 points and drops t≈0.
-DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "euler_a": "linspace"}
+DEFAULT_SPACING = {
+    "ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "euler_a": "linspace"
+}
 GRID = {"euler": {"continuous": True}, "euler_a": {"continuous": True}, "dpmpp_2m": {"exclude_final": True}}
 # Spacings whose first step is the last training step; there the Euler samplers start pure noise
 # at x = σ_max ε in the VE form, as k-diffusion and diffusers do (elsewhere at the exact √(σ²+1) ε).
 _SIGMA_MAX_SPACINGS = ("linspace", "trailing")
 _VE_SAMPLERS = ("euler", "euler_a")
+
+
+def sampler_sigmas(sampler: str, schedule: NoiseSchedule, timesteps: Tensor) -> Tensor:
+    """σ(t) at each timestep (float64), then where the last step lands: σ = 0, except for DDIM, which
+    ends at ᾱ_0 (σ at t = 0), as Stable Diffusion's configuration does (``set_alpha_to_one=False``)."""
+    final = schedule.sigmas[:1] if sampler == "ddim" else torch.zeros(1, dtype=torch.float64)
+    return torch.cat([schedule.sigma_at(timesteps), final])
 
 
 def initial_state(
@@ -270,6 +226,14 @@ def initial_state(
     return noise
 
 
+def _report_timesteps(callback: Callback | None, timesteps: Tensor, sigmas: Tensor) -> StepCallback | None:
+    """A sampler's callback(i, σ, x, x̂_0) as ``callback(i, t, x_t, x̂_0)``: the timestep and the VP state."""
+    if callback is None:
+        return None
+    c_in = [1 / math.sqrt(s**2 + 1) for s in sigmas.tolist()]
+    return lambda i, sigma, x, x0: callback(i, timesteps[i], x * c_in[i + 1], x0)
+
+
 def sample(
     sampler: str,
     model: Model,
@@ -287,26 +251,23 @@ def sample(
     progress: bool = False,
     **options: float | str,
 ) -> Tensor:
-    """Run ``sampler`` for ``num_steps`` from ``noise`` (or from ``x0`` noised to ``strength``).
+    """Run ``sampler`` for ``num_steps`` from ``noise`` (or from ``x0`` noised to ``strength``); returns VP x_0.
 
-    ``options`` go to the sampler (``eta`` for DDIM, ``variance`` for DDPM).
+    ``model`` is a network (x_t, t) -> prediction of ``prediction_type``, or a denoiser (a
+    :class:`~ldm.diffusion.denoiser.Denoiser`, or guidance over one or over a bare network; see
+    ``as_denoiser``). ``options`` go to the sampler (``eta`` for DDIM, ``variance`` for DDPM).
     """
     check_choice("sampler", sampler, SAMPLERS)
+    denoiser = as_denoiser(model, schedule, prediction_type)
     spacing = timestep_spacing or DEFAULT_SPACING[sampler]
     timesteps = make_timesteps(num_steps, schedule.num_train_timesteps, spacing, steps_offset, **GRID.get(sampler, {}))
     if x0 is not None:
         timesteps = strength_timesteps(timesteps, strength)
     elif strength != 1.0:
         raise ValueError(f"strength={strength!r} needs an x0 to start from; allowed without x0: 1.0")
+    sigmas = sampler_sigmas(sampler, schedule, timesteps)
     x = initial_state(sampler, noise, schedule, timesteps[0].item(), x0, spacing)
-    return SAMPLERS[sampler](
-        model,
-        x,
-        schedule,
-        timesteps,
-        prediction_type=prediction_type,
-        generator=generator,
-        callback=callback,
-        progress=progress,
-        **options,
-    )
+    x = x * math.sqrt(sigmas[0].item() ** 2 + 1)  # VP → VE: x = x_0 + σ ε
+    report = _report_timesteps(callback, timesteps, sigmas)
+    x = SAMPLERS[sampler](denoiser, x, sigmas, generator=generator, callback=report, progress=progress, **options)
+    return x / math.sqrt(sigmas[-1].item() ** 2 + 1)  # VE → VP (only DDIM ends above σ = 0)

@@ -177,30 +177,11 @@ def normalize_prediction_type(prediction_type: str) -> str:
     return name
 
 
-def predict_x0(pred: Tensor, x_t: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
-    """x̂_0 from a network output of the given type at noise level ᾱ (per sample)."""
-    ab = broadcast(alpha_bar, x_t)
-    kind = normalize_prediction_type(prediction_type)
-    if kind == "epsilon":
-        return (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
-    if kind == "v":  # v = √ᾱ ε - √(1-ᾱ) x_0  (Salimans & Ho 2022)
-        return ab.sqrt() * x_t - (1 - ab).sqrt() * pred
-    return pred
-
-
-def predict_eps(pred: Tensor, x_t: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
-    """ε̂ from a network output of the given type at noise level ᾱ (per sample)."""
-    ab = broadcast(alpha_bar, x_t)
-    kind = normalize_prediction_type(prediction_type)
-    if kind == "epsilon":
-        return pred
-    if kind == "v":
-        return ab.sqrt() * pred + (1 - ab).sqrt() * x_t
-    return (x_t - ab.sqrt() * pred) / (1 - ab).sqrt()
-
-
 def prediction_from(x0: Tensor, eps: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
-    """The network output of the given type that corresponds to (x_0, ε): the training target."""
+    """The network output of the given type that corresponds to (x_0, ε): the training target.
+
+    Its inverse, from a network output to (x̂_0, ε̂), is ldm.diffusion.denoiser.Denoiser.from_output.
+    """
     kind = normalize_prediction_type(prediction_type)
     if kind == "epsilon":
         return eps
