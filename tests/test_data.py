@@ -1,4 +1,4 @@
-"""The shapes domain against SHAPES.md (vocabulary and colours retyped here from the spec, not
+"""The shapes domain against docs/shapes.md (vocabulary and colours retyped here from the spec, not
 imported), the detector against the renderer, and every validation error of image folders."""
 
 from __future__ import annotations

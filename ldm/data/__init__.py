@@ -1,4 +1,4 @@
-"""Training data: image-caption folders and the synthetic shapes domain (SHAPES.md)."""
+"""Training data: image-caption folders and the synthetic shapes domain (docs/shapes.md)."""
 
 from ldm.data.folder import ImageCaptionFolder, read_metadata
 from ldm.data.shapes import (

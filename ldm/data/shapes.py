@@ -1,4 +1,4 @@
-"""The synthetic shapes domain of SHAPES.md: a renderer, a caption sampler and a detector.
+"""The synthetic shapes domain of docs/shapes.md: a renderer, a caption sampler and a detector.
 
 Every sample is a pure function of ``(seed, index)``: the scene (background, objects, sizes,
 positions) draws from ``default_rng([seed, index, 0])`` and the caption wording and dropped
@@ -115,8 +115,7 @@ def _apart(a: ShapeObject, b: ShapeObject, gap: int) -> bool:
 
 
 def relation(a: ShapeObject, b: ShapeObject, margin: float = 0.0) -> str | None:
-    """Where ``a`` lies relative to ``b`` by their centres, or None unless one axis' difference
-    exceeds the other's by more than ``margin`` (y grows downwards)."""
+    """Where ``a`` lies from ``b`` by centres; None unless one axis' difference exceeds the other's by ``margin``."""
     dx, dy = a.centre[0] - b.centre[0], a.centre[1] - b.centre[1]
     if abs(dx) > abs(dy) + margin:
         return RELATIONS[0] if dx < 0 else RELATIONS[1]
@@ -177,7 +176,7 @@ def area_downsample(image: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _caption(objects: list[ShapeObject], rel: str | None, background: str, preposition: str, keep: np.ndarray) -> str:
-    """A caption in the SHAPES.md grammar with the optional parts (size, position, background) in ``keep``."""
+    """A caption of the docs/shapes.md grammar with the optional parts (size, position, background) in ``keep``."""
     bg = f" on a {background} background" if keep[2] else ""
     if len(objects) == 2:
         a, b = objects
@@ -220,11 +219,11 @@ _TWO = re.compile(
 
 def parse_caption(caption: str) -> dict[str, str | None]:
     """The attributes a caption states (absent optional parts are None); ``ValueError`` if the
-    caption is outside the SHAPES.md grammar ("an" is accepted for "a" in prompts).
+    caption is outside the docs/shapes.md grammar ("an" is accepted for "a" in prompts).
     One-object captions also give the preposition ``prep``; two-object ones colour2, shape2, relation."""
     match = _ONE.match(caption) or _TWO.match(caption)
     if match is None:
-        raise ValueError(f"caption {caption!r} does not follow the shapes grammar (SHAPES.md)")
+        raise ValueError(f"caption {caption!r} does not follow the shapes grammar (docs/shapes.md)")
     return match.groupdict()
 
 
@@ -397,7 +396,5 @@ def _pair_matches(wanted: dict[str, str | None], found: list[ShapeObject]) -> bo
     if len(found) != 2:
         return False
     stated = (wanted["colour"], wanted["shape"], wanted["colour2"], wanted["shape2"])
-    for a, b in (found, found[::-1]):
-        if (a.colour, a.shape, b.colour, b.shape) == stated:
-            return relation(a, b) == wanted["relation"]
-    return False
+    pairs = [(a, b) for a, b in (found, found[::-1]) if (a.colour, a.shape, b.colour, b.shape) == stated]
+    return bool(pairs) and relation(*pairs[0]) == wanted["relation"]

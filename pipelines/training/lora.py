@@ -5,8 +5,7 @@ A LoRA run trains only the adapters and saves only them: ``model/lora.safetensor
 adapter state dict) beside ``model/lora.json`` (the LoRA settings and the base model's path).
 After training, the adapters are merged into the base weights and the merged model is written
 in our format (``merged/``) and exported to diffusers (``merged-diffusers/``); a full fine-tune
-writes ``model/`` and ``model-diffusers/``. Like the rest of ``ldm``, this never imports
-``pipelines``: ``models`` is any object with the fields of ``pipelines.Models``.
+writes ``model/`` and ``model-diffusers/``.
 """
 
 from __future__ import annotations
