@@ -25,8 +25,10 @@ EXAMPLES = {
     "train": "ldm train configs/demo/smoke.yaml --output-dir runs/smoke --max-steps 20 --set optim.lr=2e-4\n"
     "accelerate launch --multi_gpu --num_processes 2 -m ldm_toolkit.train configs/demo/smoke.yaml",
     "train-autoencoder": "ldm train-autoencoder configs/demo/autoencoder-smoke.yaml --output-dir runs/ae\n"
-    "accelerate launch --multi_gpu --num_processes 2 -m ldm_toolkit.train configs/demo/autoencoder-smoke.yaml --task autoencoder",
-    "train-classifier": "ldm train-classifier configs/demo/classifier-smoke.yaml --set model.init_from=runs/smoke/model",
+    "accelerate launch --multi_gpu --num_processes 2 -m ldm_toolkit.train configs/demo/autoencoder-smoke.yaml "
+    "--task autoencoder",
+    "train-classifier": "ldm train-classifier configs/demo/classifier-smoke.yaml "
+    "--set model.init_from=runs/smoke/model",
     "train-clip": "ldm train-clip configs/demo/clip.yaml --output-dir runs/demo/clip\n"
     "accelerate launch --multi_gpu --num_processes 2 -m ldm_toolkit.train configs/demo/clip-smoke.yaml --task clip",
     "finetune": "ldm finetune configs/demo/finetune-smoke.yaml --set model.init_from=runs/smoke/model\n"
@@ -44,10 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
+        if getattr(args, "device", None) is not None:  # checked before any model is loaded
+            from ldm.devices import resolve_device
+
+            args.device = str(resolve_device(args.device, "--device"))
         args.run(args)
-    except (ValueError, OSError, KeyError) as err:  # CheckpointError and ConfigError are ValueErrors
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"ldm: error: {message}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # CheckpointError and ConfigError are ValueErrors
+        print(f"ldm: error: {err}", file=sys.stderr)
         return 2
     return 0
 
@@ -78,12 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sampling_options(p: argparse.ArgumentParser, model: str, guidance: float) -> None:
     p.add_argument("-o", "--output", default="out.png", help="PNG to write (default: %(default)s)")
-    p.add_argument("--model", default=model, help="demo name, our folder, diffusers folder or SD file (default: %(default)s)")
+    p.add_argument("--model", default=model,
+                   help="demo name, our folder, diffusers folder or SD file (default: %(default)s)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale (default: %(default)s)")
-    p.add_argument("--sampler", default="dpmpp_2m", help="ddpm | ddim | dpmpp_2m | euler | euler_a (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=guidance,
+                   help="classifier-free guidance scale (default: %(default)s)")
+    _sampler_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    _device_option(p)
+
+
+def _sampler_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", default="dpmpp_2m",
+                   help="ddpm | ddim | dpmpp_2m | euler | euler_a (default: %(default)s)")
+
+
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="torch device: auto (the first available of cuda, mps, xpu, "
+                   "cpu), cpu, cuda, cuda:1, mps or xpu (default: %(default)s)")
 
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
@@ -94,8 +111,10 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     p.add_argument("--classifier", default=None, help="model folder whose noise-aware classifier guides sampling")
-    p.add_argument("--class", dest="class_label", default=None, help="target class (index or name) for classifier guidance")
-    p.add_argument("--classifier-scale", type=float, default=10.0, help="classifier guidance scale (default: %(default)s)")
+    p.add_argument("--class", dest="class_label", default=None,
+                   help="target class (index or name) for classifier guidance")
+    p.add_argument("--classifier-scale", type=float, default=10.0,
+                   help="classifier guidance scale (default: %(default)s)")
 
 
 def _add_upscale(p: argparse.ArgumentParser) -> None:
@@ -135,19 +154,21 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     from pipelines.evaluation import EVALUATIONS
 
     p.add_argument("task", choices=EVALUATIONS, help="what to measure")
-    p.add_argument("-o", "--output", default="eval", help="folder for <task>.json and the pictures (default: %(default)s)")
+    p.add_argument("-o", "--output", default="eval",
+                   help="folder for <task>.json and the pictures (default: %(default)s)")
     p.add_argument("--model", default=None, help="model to measure (default: the task's demo model)")
     p.add_argument("--count", type=int, default=300, help="held-out prompts / images / samples (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=1000, help="data seed of the held-out set; training uses 0-4 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1000,
+                   help="data seed of the held-out set; training uses 0-4 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps (default: %(default)s)")
-    p.add_argument("--sampler", default="dpmpp_2m", help="ddpm | ddim | dpmpp_2m | euler | euler_a (default: %(default)s)")
+    _sampler_option(p)
     p.add_argument("--guidance", type=_scales, default=[1.0, 2.0, 4.0, 7.5, 12.0],
                    help="text-to-image guidance scales, comma-separated (default: 1,2,4,7.5,12)")
     p.add_argument("--classifier-scales", type=_scales, default=[0.0, 10.0],
                    help="classifier guidance scales; 0 is unguided (default: 0,10)")
     p.add_argument("--clip", default="demo-clip", help="text-to-image: CLIP folder that also scores the images "
                    "(CLIP score, hard-negative score); 'none' for the detector only (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    _device_option(p)
 
 
 def _eval(args: argparse.Namespace) -> None:

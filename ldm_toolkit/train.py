@@ -91,7 +91,7 @@ def check_model_spec(spec: ModelSpec, source: str) -> None:
 def build_models(spec: ModelSpec, data: DataConfig) -> Models:
     from autoencoder import AutoencoderConfig, AutoencoderKL
     from ldm.conditioning.text import TextEncoder, TextEncoderConfig
-    from ldm.conditioning.tokenizer import ClipTokenizer
+    from ldm.conditioning.tokenizer import ClipTokenizer, pad_token_id_for
     from ldm.diffusion.schedule import ScheduleConfig
     from ldm.modules.unet import UNet, UNetConfig
     from pipelines import Models, load_models
@@ -109,6 +109,8 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Models:
             models.unet = widen_inputs(models.unet, updated(UNetConfig, models.unet.config, spec.unet, "model.unet."))
         if spec.schedule:  # fine-tune to another noise schedule (as Lin et al. 2023 moved SD to zero terminal SNR)
             models.schedule = updated(ScheduleConfig, models.schedule, spec.schedule, "model.schedule.")
+        if spec.concat is not None:  # the condition that the added inputs take (as SD inpainting adds 5)
+            models.concat = spec.concat
         return models
     if spec.autoencoder_from:
         vae = load_autoencoder(spec.autoencoder_from)
@@ -120,8 +122,9 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Models:
         text = load_text_encoder(spec.text_encoder_from)
     else:
         text = TextEncoder(TextEncoderConfig(**spec.text_encoder)) if spec.text_encoder is not None else None
-    pad = 0 if text is not None and text.config.kind == "openclip" else 49407
-    tokenizer = ClipTokenizer(max_length=text.config.max_length, pad_token_id=pad) if text is not None else None
+    tokenizer = None
+    if text is not None:
+        tokenizer = ClipTokenizer(max_length=text.config.max_length, pad_token_id=pad_token_id_for(text.config.kind))
     sample_size = spec.sample_size or data.image_size // vae.downsample_factor
     return Models(UNet(UNetConfig(**spec.unet)), vae, ScheduleConfig(**spec.schedule), sample_size,
                   text_encoder=text, tokenizer=tokenizer, concat=spec.concat)
@@ -229,7 +232,8 @@ def build_task(task: str, config: TrainConfig, source: str) -> Any:
         from ldm.modules.classifier import ClassifierConfig, NoiseAwareClassifier
         from pipelines.training.classifier import CLASS_NAMES, ClassifierTask
 
-        fields = {"in_channels": models.vae.config.latent_channels, "num_classes": len(CLASS_NAMES), **config.classifier}
+        fields = {"in_channels": models.vae.config.latent_channels, "num_classes": len(CLASS_NAMES),
+                  **config.classifier}
         models.classifier = NoiseAwareClassifier(config_from_dict(ClassifierConfig, fields, source, "classifier."))
         models.class_names = models.class_names or CLASS_NAMES
         return ClassifierTask(models, config.objective.latents)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from autoencoder import tiled_decode
 from ldm.conditioning.spatial import as_condition_batch
+from ldm.devices import resolve_device
 from ldm.diffusion import SAMPLERS, ClassifierFreeGuidance, ClassifierGuidance, Denoiser, NoiseSchedule
 from ldm.diffusion.denoiser import DenoiserLike
 from ldm.diffusion.samplers import Callback, sample
@@ -31,9 +33,16 @@ DEMO_MODELS = ("demo", "demo-sr", "demo-semantic", "demo-classifier", "demo-clip
 @dataclasses.dataclass
 class PipelineOutput:
     """``images``: a list of PIL images, a float array (B,H,W,3) in [0,1], a tensor (B,3,H,W) in
-    [0,1], or latents (B,C,h,w), by ``output_type``."""
+    [0,1], or latents (B,C,h,w), by ``output_type``; ``seed``: the seed of the initial noise (drawn at
+    random when none was given), so that a result can be made again."""
 
     images: Any
+    seed: int | None = None
+
+
+def draw_seed() -> int:
+    """A fresh random seed in [0, 2**63), from the operating system: no global RNG is read or reseeded."""
+    return secrets.randbelow(2**63)
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -49,10 +58,11 @@ def resolve_source(source: str | Path) -> Path:
 class Pipeline:
     """Holds the models; subclasses implement ``__call__``."""
 
-    def __init__(self, models: Models, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, models: Models, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         self.models = models
         self.schedule = NoiseSchedule.from_config(models.schedule)
-        self.device = torch.device(device or "cpu")
+        self.device = resolve_device(device or "cpu")  # "auto": the best available device
         self.dtype = dtype or torch.float32
         self.to(self.device, self.dtype)
 
@@ -65,7 +75,7 @@ class Pipeline:
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None):
         """Move to ``device``; ``dtype`` applies to U-Net and text encoder. The VAE stays float32
         under float16 (its decoder overflows in fp16) and follows bfloat16."""
-        self.device, self.dtype = torch.device(device), dtype or self.dtype
+        self.device, self.dtype = resolve_device(device), dtype or self.dtype
         m = self.models
         m.unet.to(self.device, self.dtype)
         if m.text_encoder is not None:
@@ -87,7 +97,8 @@ class Pipeline:
             return torch.zeros(len(prompts), 1, m.unet.config.context_dim, device=self.device, dtype=self.dtype)
         return m.text_encoder(m.tokenizer(prompts).to(self.device))
 
-    def latent_shape(self, batch: int, height: int | None, width: int | None, channels: int | None = None) -> tuple[int, ...]:
+    def latent_shape(self, batch: int, height: int | None, width: int | None,
+                     channels: int | None = None) -> tuple[int, ...]:
         f = self.models.vae.downsample_factor
         native = self.models.sample_size * f
         height = native if height is None else height
@@ -98,14 +109,16 @@ class Pipeline:
                                  f"(the autoencoder's downsampling factor)")
         return (batch, channels or self.models.vae.config.latent_channels, height // f, width // f)
 
-    def initial_noise(self, shape: tuple[int, ...], seed: int | None, latents: Tensor | None) -> tuple[Tensor, torch.Generator]:
+    def initial_noise(self, shape: tuple[int, ...], seed: int | None,
+                      latents: Tensor | None) -> tuple[Tensor, torch.Generator]:
         """Unit-variance noise (B,C,h,w) and the generator that stochastic samplers continue with.
 
         With ``seed``, one CPU generator seeded with it draws the whole batch in one call (images
         in prompt-major order: prompt i, copy j is row i·n + j), so a seed gives the same images
-        on every device. ``latents`` (unit variance, as in diffusers) replace that draw.
+        on every device. ``latents`` (unit variance, as in diffusers) replace that draw. Without ``seed``
+        one is drawn (:func:`draw_seed`).
         """
-        generator = torch.Generator().manual_seed(int(seed if seed is not None else torch.seed() % 2**63))
+        generator = torch.Generator().manual_seed(int(seed if seed is not None else draw_seed()))
         if latents is not None:
             if tuple(latents.shape) != tuple(shape):
                 raise ValueError(f"latents has shape {tuple(latents.shape)}; expected {tuple(shape)}")
@@ -205,11 +218,14 @@ class Pipeline:
         if class_labels is not None:
             labels = class_labels.repeat_interleave(n).to(self.device)  # (P·n,)
             denoiser = self.classifier_guided(denoiser, labels, classifier_scale)
+        if seed is None:
+            seed = draw_seed()
+            logger.info("seed: %d (drawn; pass seed=%d to make these images again)", seed, seed)
         noise, generator = self.initial_noise(shape, seed, latents)
         x0 = None if init_latents is None else init_latents.to(self.device).expand(shape)
         result = self.run_sampler(denoiser, noise, sampler, num_inference_steps, generator, x0=x0, strength=strength,
                                   eta=eta, progress=progress, callback=callback)
-        return self.decode(result, output_type, tile)
+        return dataclasses.replace(self.decode(result, output_type, tile), seed=seed)
 
     def classifier_guided(self, denoiser: DenoiserLike, labels: Tensor, scale: float) -> DenoiserLike:
         classifier = self.models.classifier

@@ -17,7 +17,7 @@ from ldm.diffusion.schedule import ScheduleConfig
 from ldm.io import Checkpoint, CheckpointError, export_checkpoint, read_checkpoint
 from ldm.modules.classifier import ClassifierConfig, NoiseAwareClassifier
 from ldm.modules.unet import UNet, UNetConfig
-from ldm.validation import check_choice
+from ldm.validation import check_choice, check_int
 
 logger = logging.getLogger(__name__)
 CONCAT_KINDS = ("image", "semantic")
@@ -41,7 +41,12 @@ class Models:
 
     def __post_init__(self) -> None:
         if self.concat is not None:
+            if not isinstance(self.concat, dict):
+                raise ValueError(f"concat={self.concat!r} is not allowed; "
+                                 "allowed: a mapping with kind (and num_classes)")
             check_choice("concat.kind", self.concat.get("kind"), CONCAT_KINDS)
+            if self.concat["kind"] == "semantic":
+                check_int("concat.num_classes", self.concat.get("num_classes"), 1)
         if (self.text_encoder is None) != (self.tokenizer is None):
             raise ValueError("text_encoder and tokenizer come together; got only one of them")
 
@@ -118,5 +123,6 @@ def _load_strict(module: nn.Module, weights: dict, source: str) -> None:
     wrong = [k for k in expected if tuple(expected[k].shape) != tuple(weights[k].shape)]
     if wrong:
         k = wrong[0]
-        raise CheckpointError(f"{source}: {k} has shape {tuple(weights[k].shape)}; the config expects {tuple(expected[k].shape)}")
+        raise CheckpointError(f"{source}: {k} has shape {tuple(weights[k].shape)}; "
+                              f"the config expects {tuple(expected[k].shape)}")
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})

@@ -96,3 +96,22 @@ def test_bad_betas() -> None:
         make_betas("linear", 1000, 0.5, 0.1)
     with pytest.raises(ValueError, match="betas must be a 1-D tensor of values in \\(0, 1\\]"):
         NoiseSchedule(torch.tensor([0.1, -0.2, 0.3]))
+
+
+def test_what_a_training_sample_lacks_is_named_with_the_setting_that_needs_it() -> None:
+    """A folder dataset (image, caption) under a model that needs labels or low-res copies: a ValueError, not a
+    KeyError (the CLI prints ValueErrors as one line)."""
+    from ldm.training.loop import batch_field
+
+    batch = {"image": NOISE, "caption": ["a"], "index": torch.tensor([0])}
+    assert batch_field(batch, "image", "training") is NOISE
+    with raises("model.concat kind 'image' needs 'low_res'", "gives caption, image, index", "data.kind='shapes'"):
+        batch_field(batch, "low_res", "model.concat kind 'image'")
+
+
+def test_unknown_text_encoder_kind_has_no_pad_token() -> None:
+    from ldm.conditioning.tokenizer import pad_token_id_for
+
+    assert (pad_token_id_for("clip"), pad_token_id_for("openclip")) == (49407, 0)
+    with raises("kind='t5'", "'clip'", "'openclip'"):
+        pad_token_id_for("t5")

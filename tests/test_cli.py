@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sd_fixtures import small_models
 
-from ldm_toolkit.cli import main
+from ldm_toolkit import cli
+from ldm_toolkit.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,8 @@ def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
 
 
 def test_generate_writes_a_png_and_a_grid(models: dict[str, Path], tmp_path: Path, capsys) -> None:
-    code, out, _ = run(["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "2", "-o", str(tmp_path / "a.png")], capsys)
+    code, out, _ = run(["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "2",
+                        "-o", str(tmp_path / "a.png")], capsys)
     assert code == 0 and "wrote" in out
     assert Image.open(tmp_path / "a.png").size == (16, 16)
     code, _, _ = run(["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "2", "-n", "4",
@@ -79,7 +82,8 @@ def test_convert_to_diffusers_and_sd(models: dict[str, Path], tmp_path: Path, ca
         (["--height", "15"], "height=15 is not allowed; allowed: a positive multiple of 2"),
         (["--steps", "0"], "num_inference_steps=0 is out of range"),
         (["--guidance", "-2"], "guidance_scale=-2.0 is out of range; allowed: [0, inf]"),
-        (["--sampler", "plms"], "sampler='plms' is not supported; allowed: 'ddpm', 'ddim', 'dpmpp_2m', 'euler', 'euler_a'"),
+        (["--sampler", "plms"],
+         "sampler='plms' is not supported; allowed: 'ddpm', 'ddim', 'dpmpp_2m', 'euler', 'euler_a'"),
         (["-n", "0"], "num_images_per_prompt=0 is out of range"),
     ],
 )
@@ -100,15 +104,17 @@ def test_unparsable_argument_gives_one_line(capsys) -> None:
 
 def test_missing_and_corrupt_models_in_a_subprocess(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"\x01" * 100)
-    for model, message in ((tmp_path / "nope", "does not exist"), (tmp_path / "bad.safetensors", "not a readable safetensors")):
-        result = subprocess.run([sys.executable, "-m", "ldm_toolkit.cli", "generate", "a red circle", "--model", str(model),
-                                 "-o", str(tmp_path / "x.png")], capture_output=True, text=True)
+    cases = ((tmp_path / "nope", "does not exist"), (tmp_path / "bad.safetensors", "not a readable safetensors"))
+    for model, message in cases:
+        result = subprocess.run([sys.executable, "-m", "ldm_toolkit.cli", "generate", "a red circle",
+                                 "--model", str(model), "-o", str(tmp_path / "x.png")], capture_output=True, text=True)
         assert result.returncode == 2
         assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_help_has_examples() -> None:
-    result = subprocess.run([sys.executable, "-m", "ldm_toolkit.cli", "generate", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "ldm_toolkit.cli", "generate", "--help"], capture_output=True,
+                            text=True)
     assert result.returncode == 0 and "examples:" in result.stdout and "--classifier-scale" in result.stdout
 
 
@@ -118,3 +124,48 @@ def test_upscale_input_of_the_wrong_mode_gives_one_line(models: dict[str, Path],
     assert code == 2 and err == "ldm: error: image has mode 'L'; allowed: 'RGB'\n"
     code, _, err = run(["upscale", str(tmp_path / "missing.png"), "--model", str(models["sr"])], capsys)
     assert code == 2 and "is not a readable image" in err and err.count("\n") == 1
+
+
+@pytest.fixture
+def cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine as one without cuda, mps or xpu (what the CPU test machine is anyway)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+
+
+def test_device_auto_is_the_default_and_picks_cpu_here(models: dict[str, Path], tmp_path: Path, capsys, monkeypatch,
+                                                       cpu_only) -> None:
+    assert build_parser().parse_args(["generate", "x"]).device == "auto"
+    assert build_parser().parse_args(["eval", "clip"]).device == "auto"
+    devices = []
+
+    def pipeline(cls: type, args):
+        pipe = load_pipeline(cls, args)
+        devices.append(pipe.device)
+        return pipe
+
+    load_pipeline = cli._pipeline
+    monkeypatch.setattr(cli, "_pipeline", pipeline)
+    code, _, err = run(["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "2",
+                        "-o", str(tmp_path / "a.png")], capsys)
+    assert code == 0, err
+    assert devices == [torch.device("cpu")]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps", "nonsense"])
+@pytest.mark.parametrize("command", [["generate", "a red circle"], ["upscale", "low.png"], ["eval", "clip"]])
+def test_unavailable_device_gives_one_line_before_loading(tmp_path: Path, capsys, monkeypatch, cpu_only, device: str,
+                                                           command: list[str]) -> None:
+    monkeypatch.setattr(cli, "_pipeline", lambda *args: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("pipelines.evaluation.run_evaluation", lambda *args: pytest.fail("an evaluation ran"))
+    code, _, err = run([*command, "--model", str(tmp_path / "missing"), "--device", device], capsys)
+    assert code == 2
+    assert err == f"ldm: error: --device={device} is not available here; allowed: auto, cpu\n"
+
+
+def test_a_classifier_class_that_does_not_exist_gives_one_line(models: dict[str, Path], tmp_path: Path,
+                                                                capsys) -> None:
+    code, _, err = run(["generate", "", "--model", str(models["cls"]), "--class", "hexagon", "--steps", "2",
+                        "-o", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "class_label='hexagon' is not allowed; allowed:" in err

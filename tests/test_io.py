@@ -29,9 +29,11 @@ def inputs(context_dim: int):
 
 
 @torch.no_grad()
-def assert_same_as_diffusers(ours: Models, pipe: StableDiffusionPipeline, prompts: list[str], tol: float = 1e-4) -> None:
+def assert_same_as_diffusers(ours: Models, pipe: StableDiffusionPipeline, prompts: list[str],
+                             tol: float = 1e-4) -> None:
     ids = ours.tokenizer(prompts)
-    torch.testing.assert_close(ids, pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids)
+    reference = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    torch.testing.assert_close(ids, reference)
     torch.testing.assert_close(ours.text_encoder(ids), pipe.text_encoder(ids).last_hidden_state, rtol=0, atol=tol)
     x, t, context, image = inputs(ours.unet.config.context_dim)
     torch.testing.assert_close(ours.unet(x, t, context), pipe.unet(x, t, context).sample, rtol=0, atol=tol)
@@ -60,7 +62,8 @@ def test_our_folder_and_single_file_round_trip(tmp_path: Path) -> None:
     ours = load_models(tmp_path / "sd")
     ours.save(tmp_path / "folder")
     ours.save(tmp_path / "model.safetensors", to="sd")
-    assert sorted(os.listdir(tmp_path / "folder")) == ["model.yaml", "text_encoder.safetensors", "unet.safetensors", "vae.safetensors"]
+    assert sorted(os.listdir(tmp_path / "folder")) == ["model.yaml", "text_encoder.safetensors", "unet.safetensors",
+                                                       "vae.safetensors"]
     keys = load_state_dict(tmp_path / "model.safetensors")
     assert any(k.startswith("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k") for k in keys)
     assert any(k.startswith("cond_stage_model.transformer.text_model.encoder.layers.1") for k in keys)
@@ -72,7 +75,8 @@ def test_our_folder_and_single_file_round_trip(tmp_path: Path) -> None:
 
 def small_v2_models() -> Models:
     torch.manual_seed(3)
-    unet = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,), num_heads=None,
+    unet = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,),
+                           num_heads=None,
                            head_dim=16, context_dim=64, use_linear_projection=True, norm_groups=8))
     vae = AutoencoderKL(AutoencoderConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8))
     text = TextEncoder(TextEncoderConfig(kind="openclip", width=64, layers=3, heads=4, act="gelu", layer="penultimate"))
@@ -93,7 +97,8 @@ def test_sd_v2_layout_exports_to_diffusers_and_single_file(tmp_path: Path) -> No
     ours.save(tmp_path / "v2.safetensors", to="sd")
     keys = load_state_dict(tmp_path / "v2.safetensors")
     assert "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight" in keys
-    overrides = {"unet": {"head_dim": 16, "num_heads": None, "norm_groups": 8}, "vae": {"norm_groups": 8}, "text_encoder": {"heads": 4}}
+    overrides = {"unet": {"head_dim": 16, "num_heads": None, "norm_groups": 8}, "vae": {"norm_groups": 8},
+                 "text_encoder": {"heads": 4}}
     reloaded = load_models(tmp_path / "v2.safetensors", prediction_type="v", overrides=overrides)
     assert reloaded.unet.config == ours.unet.config and reloaded.text_encoder.config == ours.text_encoder.config
     assert reloaded.tokenizer.pad_token_id == 0 and reloaded.schedule.prediction_type == "v"
@@ -104,7 +109,8 @@ def test_ema_weights_of_a_full_checkpoint_are_used(tmp_path: Path) -> None:
     ours = small_v2_models()
     ours.save(tmp_path / "plain.safetensors", to="sd")
     state = load_state_dict(tmp_path / "plain.safetensors")
-    ema = {"model_ema." + k[len("model."):].replace(".", ""): v + 1.0 for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    ema = {"model_ema." + k[len("model."):].replace(".", ""): v + 1.0 for k, v in state.items()
+           if k.startswith("model.diffusion_model.")}
     torch.save({"state_dict": {**state, **ema, "model_ema.decay": torch.tensor(0.9999)}}, tmp_path / "full.ckpt")
     with_ema = read_checkpoint(tmp_path / "full.ckpt", prediction_type="v")
     without = read_checkpoint(tmp_path / "full.ckpt", prediction_type="v", use_ema=False)
@@ -140,7 +146,8 @@ def test_corrupt_and_unknown_files_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"garbage\.safetensors"):
         load_models(tmp_path / "garbage.safetensors")
     torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.ckpt")
-    with pytest.raises(CheckpointError, match=r"other\.ckpt: not a Stable Diffusion checkpoint.*found top-level names: encoder"):
+    with pytest.raises(CheckpointError,
+                       match=r"other\.ckpt: not a Stable Diffusion checkpoint.*found top-level names: encoder"):
         load_models(tmp_path / "other.ckpt")
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(CheckpointError, match=r"empty_dir: a folder with neither model\.yaml"):
@@ -160,9 +167,38 @@ def test_weights_that_do_not_fit_the_config_are_reported(tmp_path: Path) -> None
     config = yaml.safe_load((tmp_path / "folder" / "model.yaml").read_text())
     config["unet"]["model_channels"] = 64
     (tmp_path / "folder" / "model.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(CheckpointError, match=r"folder \(unet\): time_embed\.0\.weight has shape \(128, 32\); the config expects \(256, 64\)"):
+    with pytest.raises(CheckpointError, match=r"folder \(unet\): time_embed\.0\.weight has shape \(128, 32\); "
+                                              r"the config expects \(256, 64\)"):
         load_models(tmp_path / "folder")
     config["unet"]["model_chanels"] = 64
     (tmp_path / "folder" / "model.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match=r"unknown key 'unet.model_chanels'"):
         load_models(tmp_path / "folder")
+
+
+def test_a_legacy_gradient_checkpointing_key_is_read_and_not_written(tmp_path: Path) -> None:
+    """model.yaml files (the shipped demo weights among them) once saved unet.gradient_checkpointing, now a
+    training-time switch: such files still load, and what is saved again no longer has it."""
+    import json
+
+    import yaml
+    from sd_fixtures import small_models
+
+    from ldm.io.files import read_metadata, save_state_dict
+    from ldm.io.single_file import CONFIG_KEY
+
+    small_models().save(tmp_path / "m")
+    spec = yaml.safe_load((tmp_path / "m" / "model.yaml").read_text())
+    assert "gradient_checkpointing" not in spec["unet"]
+    spec["unet"]["gradient_checkpointing"] = False
+    (tmp_path / "m" / "model.yaml").write_text(yaml.safe_dump(spec))
+    models = load_models(tmp_path / "m")
+    assert models.unet.gradient_checkpointing is False
+    models.save(tmp_path / "again")
+    assert "gradient_checkpointing" not in yaml.safe_load((tmp_path / "again" / "model.yaml").read_text())["unet"]
+    models.save(tmp_path / "m.safetensors", to="sd")  # a single file we wrote keeps the config in its metadata
+    config = json.loads(read_metadata(tmp_path / "m.safetensors")[CONFIG_KEY])
+    config["unet"]["gradient_checkpointing"] = True
+    save_state_dict(load_state_dict(tmp_path / "m.safetensors"), tmp_path / "old.safetensors",
+                    metadata={"format": "pt", CONFIG_KEY: json.dumps(config)})
+    assert load_models(tmp_path / "old.safetensors").unet.config == models.unet.config

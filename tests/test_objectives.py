@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ldm.diffusion import NoiseSchedule, diffusion_loss, drop_conditions, min_snr_weight
+from ldm.diffusion import NoiseSchedule, condition_dropout_mask, diffusion_loss, drop_conditions, min_snr_weight
 
 SCHEDULE = NoiseSchedule.create("linear", 1000)
 C = 0.4  # every training image is the constant C, so x_t determines ε exactly
@@ -70,6 +70,26 @@ def test_condition_dropout_rate_and_rows() -> None:
     again = drop_conditions(cond, null, 0.1, torch.Generator().manual_seed(1))
     assert torch.equal(out, again)
     assert torch.equal(drop_conditions(cond, null, 0.0), cond)
+
+
+def test_caption_and_condition_dropout_share_one_mask_with_the_draws_of_earlier_runs() -> None:
+    """drop_captions (text training) and drop_conditions drop the same rows for the same generator; the
+    mask is the one training runs drew before (keep where torch.rand(B) >= p), so they resume bit for bit."""
+    from pipelines.training.diffusion import drop_captions
+
+    captions = [f"caption {i}" for i in range(64)]
+    earlier = torch.rand(64, generator=torch.Generator().manual_seed(7)) >= 0.3  # the former drop_captions draw
+    mask = condition_dropout_mask(64, 0.3, torch.Generator().manual_seed(7))
+    assert torch.equal(mask, ~earlier)
+    dropped = [c == "" for c in drop_captions(captions, 0.3, torch.Generator().manual_seed(7))]
+    cond = drop_conditions(torch.ones(64, 2), torch.zeros(1, 2), 0.3, torch.Generator().manual_seed(7))
+    assert dropped == mask.tolist() == (cond == 0).all(dim=1).tolist()
+
+
+def test_min_snr_weight_uses_the_schedule_snr() -> None:
+    t = torch.tensor([0, 10, 500, 999])
+    ab = SCHEDULE.alpha_bar[t]
+    assert torch.equal(SCHEDULE.snr(t), ab / (1 - ab))
 
 
 def test_timestep_bias_draws_its_portion_from_the_late_range() -> None:

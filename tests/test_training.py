@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from ldm.io.files import load_state_dict
-from ldm_toolkit.train import main
 from ldm.training import checkpoints
 from ldm.training.checkpoints import latest_checkpoint
+from ldm_toolkit.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "demo" / "smoke.yaml")
@@ -26,8 +26,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 def smoke_models_at_init() -> Any:
     """The smoke config's models as a run builds them before its first step (weights drawn after seeding)."""
-    from ldm_toolkit.train import build_models
     from ldm.training.config import load_train_config
+    from ldm_toolkit.train import build_models
 
     config = load_train_config(SMOKE)
     torch.manual_seed(config.seed)
@@ -64,9 +64,11 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_resumes_bitwise(uninterrupted: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    process = subprocess.Popen(train_command(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    process = subprocess.Popen(train_command(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               cwd=ROOT)
     marker = out / "checkpoints" / "step-00000003" / "state.json"
     deadline = time.time() + 240
     while not marker.exists() and process.poll() is None and time.time() < deadline:
@@ -78,6 +80,7 @@ def test_sigkill_after_a_checkpoint_resumes_bitwise(uninterrupted: Path, tmp_pat
     assert_bitwise_equal(final_state(uninterrupted), final_state(out))
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "torn"
@@ -105,12 +108,13 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted: 
     assert not (out / "checkpoints" / ".tmp-step-00000006").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_keep_equal_weights_and_rank0_writes(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "ldm_toolkit.train", SMOKE, "--output-dir", str(out), "--max-steps", "3", "--checkpoint-every", "2",
-               "--set", "param_checksums=true"]
+               "-m", "ldm_toolkit.train", SMOKE, "--output-dir", str(out), "--max-steps", "3",
+               "--checkpoint-every", "2", "--set", "param_checksums=true"]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     ranks = [[json.loads(line) for line in (out / f"checksums-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
@@ -140,7 +144,8 @@ def write_config(tmp_path: Path, text: str) -> str:
         ("model: {autoencoder_from: ae, vae: {scale_factor: -1}}\n", "model.vae.scale_factor=-1 is not allowed"),
     ],
 )
-def test_configs_are_checked_before_models_are_built(tmp_path: Path, capsys, monkeypatch, text: str, message: str) -> None:
+def test_configs_are_checked_before_models_are_built(tmp_path: Path, capsys, monkeypatch, text: str,
+                                                     message: str) -> None:
     import ldm_toolkit.train
 
     monkeypatch.setattr(ldm_toolkit.train, "build_models", lambda *a: pytest.fail("a model was built"))
@@ -170,16 +175,19 @@ def mean_loss(out: Path, key: str, first: bool, count: int) -> float:
 @pytest.fixture(scope="module")
 def learned_diffusion(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("learn")
-    subprocess.run(train_command(out) + ["--max-steps", "40", "--checkpoint-every", "100", "--set", "optim.batch_size=8"],
+    subprocess.run(train_command(out) + ["--max-steps", "40", "--checkpoint-every", "100",
+                                         "--set", "optim.batch_size=8"],
                    check=True, env=ENV, capture_output=True, cwd=ROOT)
     return out
 
 
+@pytest.mark.slow
 def test_diffusion_trainer_lowers_its_loss(learned_diffusion: Path) -> None:
     # measured: mean ε-loss of steps 1-5 ≈ 0.995, of steps 36-40 ≈ 0.70 (×0.71)
     assert mean_loss(learned_diffusion, "loss", False, 5) < 0.85 * mean_loss(learned_diffusion, "loss", True, 5)
 
 
+@pytest.mark.slow
 def test_checkpoints_come_with_a_sample_grid_and_tensorboard_logs(learned_diffusion: Path) -> None:
     from PIL import Image
 
@@ -188,10 +196,12 @@ def test_checkpoints_come_with_a_sample_grid_and_tensorboard_logs(learned_diffus
     assert list((learned_diffusion / "ldm").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_autoencoder_trainer_lowers_its_reconstruction_loss(tmp_path: Path) -> None:
     config = str(ROOT / "configs" / "demo" / "autoencoder-smoke.yaml")
-    subprocess.run([sys.executable, "-m", "ldm_toolkit.train", config, "--task", "autoencoder", "--output-dir", str(tmp_path),
-                    "--max-steps", "40", "--checkpoint-every", "100"], check=True, env=ENV, capture_output=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "ldm_toolkit.train", config, "--task", "autoencoder",
+                    "--output-dir", str(tmp_path), "--max-steps", "40", "--checkpoint-every", "100"],
+                   check=True, env=ENV, capture_output=True, cwd=ROOT)
     # measured: L1 of steps 1-5 ≈ 0.756, of steps 36-40 ≈ 0.614 (×0.81)
     assert mean_loss(tmp_path, "rec_loss", False, 5) < 0.9 * mean_loss(tmp_path, "rec_loss", True, 5)
     from ldm_toolkit.train import load_autoencoder
@@ -199,11 +209,13 @@ def test_autoencoder_trainer_lowers_its_reconstruction_loss(tmp_path: Path) -> N
     assert load_autoencoder(str(tmp_path / "model")).config.downsample_factor == 4
 
 
+@pytest.mark.slow
 def test_classifier_trainer_lowers_its_loss(learned_diffusion: Path, tmp_path: Path) -> None:
     config = str(ROOT / "configs" / "demo" / "classifier-smoke.yaml")
-    subprocess.run([sys.executable, "-m", "ldm_toolkit.train", config, "--task", "classifier", "--output-dir", str(tmp_path),
-                    "--max-steps", "300", "--checkpoint-every", "1000", "--set", f"model.init_from={learned_diffusion / 'model'}",
-                    "--set", "optim.batch_size=32", "--set", "optim.lr=2e-3", "--set", "ema.enabled=false"],
+    subprocess.run([sys.executable, "-m", "ldm_toolkit.train", config, "--task", "classifier",
+                    "--output-dir", str(tmp_path), "--max-steps", "300", "--checkpoint-every", "1000",
+                    "--set", f"model.init_from={learned_diffusion / 'model'}", "--set", "optim.batch_size=32",
+                    "--set", "optim.lr=2e-3", "--set", "ema.enabled=false"],
                    check=True, env=ENV, capture_output=True, cwd=ROOT)
     # measured: cross-entropy of steps 1-10 ≈ 1.110 (chance: ln 3 = 1.099), of steps 291-300 ≈ 0.988 (×0.89)
     assert mean_loss(tmp_path, "loss", False, 10) < 0.95 * mean_loss(tmp_path, "loss", True, 10)
@@ -213,11 +225,13 @@ def test_classifier_trainer_lowers_its_loss(learned_diffusion: Path, tmp_path: P
     assert pipe.models.class_names == ["circle", "square", "triangle"]
 
 
+@pytest.mark.slow
 def test_latent_cache_gives_the_same_training_as_encoding_each_time(tmp_path: Path) -> None:
     runs = {}
     for cache in ("false", "true"):
         out = tmp_path / cache
-        subprocess.run(train_command(out) + ["--max-steps", "4", "--set", f"cache_latents={cache}", "--set", "tracker=null"],
+        subprocess.run(train_command(out) + ["--max-steps", "4", "--set", f"cache_latents={cache}",
+                                             "--set", "tracker=null"],
                        check=True, env=ENV, capture_output=True, cwd=ROOT)
         runs[cache] = load_state_dict(out / "model" / "unet.safetensors")
     for key, value in runs["false"].items():
@@ -226,7 +240,8 @@ def test_latent_cache_gives_the_same_training_as_encoding_each_time(tmp_path: Pa
 
 def test_missing_lpips_weights_are_named(tmp_path: Path, capsys) -> None:
     config = str(ROOT / "configs" / "demo" / "autoencoder-smoke.yaml")
-    code = main([config, "--task", "autoencoder", "--output-dir", str(tmp_path), "--set", "lpips_weights=/no/lpips.safetensors"])
+    code = main([config, "--task", "autoencoder", "--output-dir", str(tmp_path),
+                 "--set", "lpips_weights=/no/lpips.safetensors"])
     assert code == 2 and "/no/lpips.safetensors" in capsys.readouterr().err
 
 
@@ -242,13 +257,16 @@ def test_bad_image_folders_stop_before_models_are_built(tmp_path: Path, capsys, 
         (folder / "a.png").write_bytes(b"not a png")
         (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a red circle"}\n')
     monkeypatch.setattr(ldm_toolkit.train, "build_models", lambda *a: pytest.fail("a model was built"))
-    code = main([SMOKE, "--output-dir", str(tmp_path / "o"), "--set", "data.kind=folder", "--set", f"data.path={folder}"])
+    code = main([SMOKE, "--output-dir", str(tmp_path / "o"), "--set", "data.kind=folder",
+                 "--set", f"data.path={folder}"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and str(folder) in err
 
 
+@pytest.mark.slow
 def test_trainable_autoencoder_encoder(tmp_path: Path) -> None:
-    subprocess.run(train_command(tmp_path) + ["--max-steps", "2", "--set", "model.train_vae=true", "--set", "tracker=null"],
+    subprocess.run(train_command(tmp_path) + ["--max-steps", "2", "--set", "model.train_vae=true",
+                                              "--set", "tracker=null"],
                    check=True, env=ENV, capture_output=True, cwd=ROOT)
     initial = smoke_models_at_init().vae.state_dict()
     trained = load_state_dict(tmp_path / "model" / "vae.safetensors")
@@ -270,9 +288,9 @@ def test_learning_rate_warms_up_holds_and_decays() -> None:
 def test_scale_factor_auto_is_one_over_the_latent_std(tmp_path: Path) -> None:
     from autoencoder import AutoencoderConfig, AutoencoderKL
     from ldm.data.shapes import ShapesDataset
-    from ldm_toolkit.train import resolve_scale_factor
     from ldm.training.config import DataConfig
     from ldm.training.loop import collate
+    from ldm_toolkit.train import resolve_scale_factor
 
     torch.manual_seed(0)
     vae = AutoencoderKL(AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)).eval()
@@ -284,34 +302,42 @@ def test_scale_factor_auto_is_one_over_the_latent_std(tmp_path: Path) -> None:
     assert resolve_scale_factor(0.5, vae, data) == 0.5
 
 
+@pytest.mark.slow
 def test_init_from_may_add_unet_inputs_and_change_the_schedule(learned_diffusion: Path, tmp_path: Path) -> None:
     from pipelines import load_models
 
     out = tmp_path / "wider"
     subprocess.run(train_command(out) + ["--max-steps", "1", "--set", f"model.init_from={learned_diffusion / 'model'}",
-                                         "--set", "model.unet.in_channels=6", "--set", "optim.lr=0",
-                                         "--set", "model.schedule.beta_schedule=linear", "--set", "model.schedule.beta_end=0.02"],
+                                         "--set", "model.unet.in_channels=7", "--set", "model.concat={kind: image}",
+                                         "--set", "optim.lr=0",
+                                         "--set", "model.schedule.beta_schedule=linear",
+                                         "--set", "model.schedule.beta_end=0.02"],
                    check=True, env=ENV, capture_output=True, cwd=ROOT)
     # init_from starts from the model's EMA weights, as sampling does; lr 0 keeps them
     before, after = load_models(learned_diffusion / "model"), load_models(out / "model", use_ema=False)
-    assert (before.unet.config.in_channels, after.unet.config.in_channels) == (4, 6)
+    assert (before.unet.config.in_channels, after.unet.config.in_channels) == (4, 7)  # + the low-res image
+    assert after.concat == {"kind": "image"}
     assert (after.schedule.beta_schedule, after.schedule.beta_end) == ("linear", 0.02)  # fine-tuned to a new schedule
     assert after.schedule.prediction_type == before.schedule.prediction_type  # the fields not set are kept
-    x, extra, context = torch.randn(2, 4, 8, 8), torch.randn(2, 2, 8, 8), torch.randn(2, 5, before.unet.config.context_dim)
+    x, extra = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 8, 8)
+    context = torch.randn(2, 5, before.unet.config.context_dim)
     with torch.no_grad():  # only the zero-initialised inputs are new, so the function is unchanged
-        assert torch.allclose(before.unet(x, 300, context), after.unet(torch.cat([x, extra], 1), 300, context), atol=1e-5)
+        widened = after.unet(torch.cat([x, extra], 1), 300, context)
+        assert torch.allclose(before.unet(x, 300, context), widened, atol=1e-5)
     bad = subprocess.run(train_command(tmp_path / "bad") + ["--set", f"model.init_from={learned_diffusion / 'model'}",
                                                            "--set", "model.unet.num_res_blocks=3"],
                          env=ENV, capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "['num_res_blocks'] differ from the trained model's" in bad.stderr
 
 
+@pytest.mark.slow
 def test_text_encoder_lr_scale_sets_its_share_of_the_first_adamw_step(tmp_path: Path) -> None:
     # Step 1, by hand: the attention blocks' output projections start at zero, so no gradient reaches the text
     # encoder and AdamW only decays it, p(1 - lr·wd); each U-Net weight with a gradient moves by the rate itself
     # (Adam's first m̂/√v̂ is ±1). The rate is lr/2 at warm-up step 1 of 2, and the text encoder takes a quarter.
     subprocess.run(train_command(tmp_path) + ["--max-steps", "1", "--set", "optim.text_encoder_lr_scale=0.25",
-                                              "--set", "tracker=null"], check=True, env=ENV, capture_output=True, cwd=ROOT)
+                                              "--set", "tracker=null"],
+                   check=True, env=ENV, capture_output=True, cwd=ROOT)
     from ldm.training.config import load_train_config
 
     config, models = load_train_config(SMOKE), smoke_models_at_init()

@@ -226,8 +226,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = perturbed(UNet(config)).train()
-        model.config.gradient_checkpointing = checkpointing
+        model = perturbed(UNet(config)).train().enable_gradient_checkpointing(checkpointing)
         model(**inputs(config, size=(8, 8))).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
@@ -240,7 +239,8 @@ def test_widen_inputs_keeps_the_function_and_refuses_other_changes() -> None:
     wide = widen_inputs(model, dataclasses.replace(config, in_channels=11)).eval()
     extra = torch.randn(2, 2, *args["x"].shape[-2:])
     with torch.no_grad():  # the new inputs start with zero weights: the same outputs whatever they hold
-        assert torch.allclose(model(**args), wide(torch.cat([args["x"], extra], 1), args["t"], args["context"]), atol=1e-6)
+        widened = wide(torch.cat([args["x"], extra], 1), args["t"], args["context"])
+        assert torch.allclose(model(**args), widened, atol=1e-6)
     with pytest.raises(ValueError, match=r"\['model_channels'\] differ"):
         widen_inputs(model, dataclasses.replace(config, model_channels=64))
     with pytest.raises(ValueError, match="would drop inputs"):

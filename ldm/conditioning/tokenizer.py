@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from ldm.validation import check_int
+from ldm.validation import check_choice, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,19 @@ def default_bpe() -> str:
 
 START, END = "<|startoftext|>", "<|endoftext|>"  # transformers' names for open_clip's specials
 _OPEN_CLIP_SPECIALS = {"<start_of_text>": START, "<end_of_text>": END}
+# The pad token of each text-encoder kind: SD v1 / transformers' CLIP pad with the end token, SD v2 / open_clip with 0.
+PAD_TOKEN_IDS = {"clip": 49407, "openclip": 0}
+
+
+def pad_token_id_for(kind: str) -> int:
+    """The pad token id a CLIP tokenizer uses for a text encoder of ``kind`` ("clip" or "openclip")."""
+    return PAD_TOKEN_IDS[check_choice("kind", kind, PAD_TOKEN_IDS)]
 
 
 class ClipTokenizer:
     """``ClipTokenizer(max_length=77, pad_token_id=49407)(prompts) -> LongTensor (B, max_length)``."""
 
-    def __init__(self, max_length: int = 77, pad_token_id: int = 49407) -> None:
+    def __init__(self, max_length: int = 77, pad_token_id: int = PAD_TOKEN_IDS["clip"]) -> None:
         self.bpe = _open_clip_tokenizer().SimpleTokenizer(context_length=max_length)
         self.max_length = check_int("max_length", max_length, low=2)
         self.pad_token_id = check_int("pad_token_id", pad_token_id, low=0, high=self.bpe.vocab_size - 1)

@@ -2,7 +2,7 @@
 
 from ldm.diffusion.denoiser import Denoiser, as_denoiser
 from ldm.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
-from ldm.diffusion.objectives import diffusion_loss, drop_conditions, min_snr_weight
+from ldm.diffusion.objectives import condition_dropout_mask, diffusion_loss, drop_conditions, min_snr_weight
 from ldm.diffusion.samplers import SAMPLERS, initial_state, sample
 from ldm.diffusion.schedule import NoiseSchedule, make_betas
 from ldm.diffusion.timesteps import make_timesteps, strength_timesteps
@@ -14,6 +14,7 @@ __all__ = [
     "Denoiser",
     "NoiseSchedule",
     "as_denoiser",
+    "condition_dropout_mask",
     "diffusion_loss",
     "drop_conditions",
     "initial_state",

@@ -25,12 +25,18 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
     return clipped
 
 
+def condition_dropout_mask(batch: int, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Which of ``batch`` samples lose their condition (True: dropped), each with probability ``p``: one uniform
+    draw per sample on the generator's device (the CPU without one), dropped where it is below ``p``."""
+    check_float("p", p, 0.0, 1.0)
+    device = generator.device if generator is not None else "cpu"
+    return torch.rand(batch, generator=generator, device=device) < p
+
+
 def drop_conditions(cond: Tensor, null_cond: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
     """Replace each sample's condition by ``null_cond`` with probability ``p`` (classifier-free
     guidance training, Ho & Salimans 2022). ``null_cond`` has one row or as many as ``cond``."""
-    check_float("p", p, 0.0, 1.0)
-    device = generator.device if generator is not None else cond.device
-    drop = torch.rand(cond.shape[0], generator=generator, device=device).to(cond.device) < p
+    drop = condition_dropout_mask(cond.shape[0], p, generator).to(cond.device)
     mask = drop.reshape((-1,) + (1,) * (cond.ndim - 1))
     return torch.where(mask, null_cond.to(cond.dtype).expand_as(cond), cond)
 
@@ -85,6 +91,6 @@ def diffusion_loss(
     target = prediction_from(x0, noise, alpha_bar, prediction_type)
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     if min_snr_gamma is not None:
-        snr = alpha_bar / (1 - alpha_bar)
-        per_sample = per_sample * min_snr_weight(snr, min_snr_gamma, prediction_type).to(per_sample)
+        weight = min_snr_weight(schedule.snr(t), min_snr_gamma, prediction_type)
+        per_sample = per_sample * weight.to(per_sample)
     return per_sample.mean()

@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ldm.diffusion.denoiser import as_denoiser
-from ldm.diffusion.schedule import NoiseSchedule, broadcast
+from ldm.diffusion.schedule import NoiseSchedule, broadcast, posterior_mean
 from ldm.diffusion.timesteps import make_timesteps, strength_timesteps
 from ldm.validation import check_choice, check_float, check_same_shape
 
@@ -69,7 +69,7 @@ def sample_ddpm(
     check_choice("variance", variance, ("small", "large"))
     for i, (sigma, sigma_next) in _steps(sigmas, progress):
         x0 = denoiser(x, sigma)
-        x = x0 + (sigma_next / sigma) ** 2 * (x - x0)
+        x = posterior_mean(x0, x, sigma, sigma_next)
         if sigma_next > 0:
             if variance == "small":
                 std = ancestral_step(sigma, sigma_next)[0]

@@ -152,16 +152,29 @@ class NoiseSchedule:
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
     def posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and variance β̃_t of q(x_{t-1} | x_t, x_0)  (Ho et al. 2020, eqs. 6-7), integer t."""
+        """Mean and variance β̃_t of q(x_{t-1} | x_t, x_0)  (Ho et al. 2020, eqs. 6-7), integer t.
+
+        The mean is :func:`posterior_mean` on x_t / √ᾱ_t at σ_t → σ_{t-1} (exact ᾱ; σ = ∞ where ᾱ_t = 0, the
+        last step of a zero-terminal-SNR schedule, whose posterior mean is √ᾱ_{t-1} x_0), times √ᾱ_{t-1}."""
         t = torch.as_tensor(t).long()
         ab = self.alpha_bar[t]
         ab_prev = torch.where(t > 0, self.alpha_bar[(t - 1).clamp(min=0)], torch.ones_like(ab))
-        beta = self.betas[t]
-        coef_x0 = ab_prev.sqrt() * beta / (1 - ab)
-        coef_xt = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
-        mean = broadcast(coef_x0, x0) * x0 + broadcast(coef_xt, x_t) * x_t
-        variance = broadcast((1 - ab_prev) / (1 - ab) * beta, x_t)
+        positive = ab > 0
+        sigma = torch.where(positive, ((1 - ab) / ab.where(positive, 1.0)).sqrt(), math.inf)
+        sigma_prev = ((1 - ab_prev) / ab_prev).sqrt()
+        x_ve = x_t / broadcast(ab.where(positive, 1.0).sqrt(), x_t)
+        mean = broadcast(ab_prev.sqrt(), x_t) * posterior_mean(x0, x_ve, sigma, sigma_prev)
+        variance = broadcast((1 - ab_prev) / (1 - ab) * self.betas[t], x_t)
         return mean, variance.expand_as(mean)
+
+
+def posterior_mean(x0: Tensor, x: Tensor, sigma: float | Tensor, sigma_next: float | Tensor) -> Tensor:
+    """Mean of q(x_{t'} | x_t, x_0) for any t' < t in the VE form (states divided by √ᾱ):
+    x_0 + (σ'/σ)² (x - x_0)  (Ho et al. 2020, eq. 7). σ, σ' are floats or per-sample (B,) tensors."""
+    ratio = (sigma_next / sigma) ** 2
+    if isinstance(ratio, Tensor):
+        ratio = broadcast(ratio, x)
+    return x0 + ratio * (x - x0)
 
 
 def broadcast(values: Tensor, like: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ldm.config import ConfigError, load_yaml, save_yaml
 from ldm.io.files import CheckpointError, load_state_dict, save_state_dict
+from ldm.modules.unet import without_legacy_keys
 
 REQUIRED = ("vae",)  # an autoencoder alone is a valid folder (ldm train-autoencoder writes one)
 COMPONENTS = ("unet", "vae", "text_encoder", "classifier")  # the last two are optional
@@ -60,7 +61,15 @@ def read_folder(path: str | Path) -> Checkpoint:
         raise ConfigError(f"{path / CONFIG_FILE}: missing key {missing[0]!r}; required: {', '.join(REQUIRED)}")
     weights = {name: load_state_dict(path / f"{name}.safetensors") for name in COMPONENTS if name in config}
     ema_file = path / "ema.safetensors"
-    return Checkpoint(config, weights, load_state_dict(ema_file) if ema_file.is_file() else None)
+    return Checkpoint(upgrade_config(config), weights, load_state_dict(ema_file) if ema_file.is_file() else None)
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored model config as this version reads it: keys older versions saved that are no longer part
+    of a component's config (the U-Net's ``gradient_checkpointing``) are dropped."""
+    if isinstance(config.get("unet"), dict):
+        config = {**config, "unet": without_legacy_keys(config["unet"])}
+    return config
 
 
 def write_folder(checkpoint: Checkpoint, path: str | Path) -> None:

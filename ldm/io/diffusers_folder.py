@@ -12,7 +12,7 @@ from transformers import CLIPTextConfig
 
 from ldm.conditioning.text import TextEncoderConfig
 from ldm.conditioning.tokenizer import ClipTokenizer
-from ldm.config import config_to_dict
+from ldm.config import config_from_dict, config_to_dict
 from ldm.diffusion.schedule import ScheduleConfig
 from ldm.io.checkpoint import Checkpoint
 from ldm.io.files import CheckpointError, load_state_dict, save_state_dict
@@ -32,9 +32,11 @@ from ldm.io.vae_keys import (
 )
 from ldm.modules.unet import UNetConfig
 
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                      "diffusion_pytorch_model.bin")
 _WEIGHT_NAMES = {
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin"),
-    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin"),
+    "unet": _DIFFUSERS_WEIGHTS,
+    "vae": _DIFFUSERS_WEIGHTS,
     "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin"),
 }
 
@@ -65,9 +67,11 @@ def read_diffusers(path: str | Path) -> Checkpoint:
     folder = Path(path)
     unet_cfg_json = _read_json(folder / "unet" / "config.json")
     unet_config = _convert(unet_config_from_diffusers, unet_cfg_json, folder / "unet" / "config.json")
-    vae_config = _convert(vae_config_from_diffusers, _read_json(folder / "vae" / "config.json"), folder / "vae" / "config.json")
-    text_config = _convert(text_config_from_hf, _read_json(folder / "text_encoder" / "config.json"), folder / "text_encoder" / "config.json")
-    schedule = schedule_from_diffusers(_read_json(folder / "scheduler" / "scheduler_config.json"), str(folder / "scheduler"))
+    vae_json, text_json = folder / "vae" / "config.json", folder / "text_encoder" / "config.json"
+    vae_config = _convert(vae_config_from_diffusers, _read_json(vae_json), vae_json)
+    text_config = _convert(text_config_from_hf, _read_json(text_json), text_json)
+    schedule = schedule_from_diffusers(_read_json(folder / "scheduler" / "scheduler_config.json"),
+                                       str(folder / "scheduler"))
     tokenizer = ClipTokenizer.from_hf(folder / "tokenizer")
     text = {k if k.startswith(HF) else HF + k: v for k, v in _read_weights(folder, "text_encoder").items()}
     text.pop(HF + "embeddings.position_ids", None)  # a buffer older transformers saved
@@ -98,16 +102,20 @@ def write_diffusers(checkpoint: Checkpoint, path: str | Path) -> None:
     """Write a folder ``StableDiffusionPipeline.from_pretrained`` loads (EMA weights, if kept apart,
     become the U-Net's weights, as they are the ones to sample with)."""
     folder, config = Path(path), checkpoint.config
-    unet_config = UNetConfig(**config["unet"])
-    text_config = TextEncoderConfig(**config["text_encoder"])
+    unet_config = config_from_dict(UNetConfig, config.get("unet", {}), str(path), "unet.")
+    text_config = config_from_dict(TextEncoderConfig, config.get("text_encoder", {}), str(path), "text_encoder.")
+    schedule = config_from_dict(ScheduleConfig, config.get("schedule", {}), str(path), "schedule.")
     unet_weights = checkpoint.ema if checkpoint.ema is not None else checkpoint.weights["unet"]
-    _write_json(folder / "unet" / "config.json", _diffusers_config("UNet2DConditionModel", unet_config_to_diffusers(unet_config, config.get("sample_size"))))
+    unet_json = unet_config_to_diffusers(unet_config, config.get("sample_size"))
+    _write_json(folder / "unet" / "config.json", _diffusers_config("UNet2DConditionModel", unet_json))
     save_state_dict(unet_original_to_diffusers(unet_weights, unet_config), folder / "unet" / _WEIGHT_NAMES["unet"][0])
-    _write_json(folder / "vae" / "config.json", _diffusers_config("AutoencoderKL", vae_config_to_diffusers(config["vae"])))
+    _write_json(folder / "vae" / "config.json",
+                _diffusers_config("AutoencoderKL", vae_config_to_diffusers(config["vae"])))
     save_state_dict(vae_original_to_diffusers(checkpoint.weights["vae"]), folder / "vae" / _WEIGHT_NAMES["vae"][0])
     _write_text_encoder(folder / "text_encoder", checkpoint.weights["text_encoder"], text_config)
-    _write_json(folder / "scheduler" / "scheduler_config.json", _diffusers_config("DDIMScheduler", schedule_to_diffusers(ScheduleConfig(**config["schedule"]))))
-    ClipTokenizer(**config["tokenizer"]).save_hf(folder / "tokenizer")
+    _write_json(folder / "scheduler" / "scheduler_config.json",
+                _diffusers_config("DDIMScheduler", schedule_to_diffusers(schedule)))
+    ClipTokenizer(**config.get("tokenizer", {})).save_hf(folder / "tokenizer")
     _write_json(folder / "model_index.json", _model_index())
 
 
@@ -116,7 +124,8 @@ def _write_text_encoder(folder: Path, weights: dict[str, Tensor], config: TextEn
     if config.kind == "openclip":
         weights = openclip_to_hf(weights, config.layers, drop_last=config.layer == "penultimate")
     _write_json(folder / "config.json", {**CLIPTextConfig(**hf).to_dict(), "architectures": ["CLIPTextModel"]})
-    save_state_dict({k if k.startswith(HF) else HF + k: v for k, v in weights.items()}, folder / _WEIGHT_NAMES["text_encoder"][0])
+    save_state_dict({k if k.startswith(HF) else HF + k: v for k, v in weights.items()},
+                    folder / _WEIGHT_NAMES["text_encoder"][0])
 
 
 def _diffusers_config(class_name: str, cfg: dict[str, Any]) -> dict[str, Any]:

@@ -9,9 +9,11 @@ from typing import Any
 
 from torch import Tensor
 
-from ldm.config import config_to_dict
+from ldm.conditioning.text import TextEncoderConfig
+from ldm.conditioning.tokenizer import pad_token_id_for
+from ldm.config import config_from_dict, config_to_dict
 from ldm.diffusion.schedule import ScheduleConfig
-from ldm.io.checkpoint import Checkpoint
+from ldm.io.checkpoint import Checkpoint, upgrade_config
 from ldm.io.files import CheckpointError, load_state_dict, read_metadata, save_state_dict
 from ldm.io.text_keys import hf_to_openclip, infer_text_config
 from ldm.io.unet_keys import infer_unet_config
@@ -51,7 +53,8 @@ def ema_unet(state: dict[str, Tensor], unet: dict[str, Tensor]) -> dict[str, Ten
     return {k: state[name] for k, name in names.items()}
 
 
-def split_single_file(state: dict[str, Tensor], source: str, use_ema: bool = True) -> tuple[dict[str, dict[str, Tensor]], str]:
+def split_single_file(state: dict[str, Tensor], source: str,
+                      use_ema: bool = True) -> tuple[dict[str, dict[str, Tensor]], str]:
     """Split into {'unet', 'vae', 'text_encoder'} state dicts (prefixes stripped) and the text kind.
 
     With ``use_ema`` the U-Net takes the EMA weights when the file holds them (full training
@@ -110,7 +113,8 @@ def read_single_file(
         vae = {**infer_vae_config(weights["vae"]), **overrides.get("vae", {})}
         text = infer_text_config(weights["text_encoder"], kind, **overrides.get("text_encoder", {}))
         schedule = ScheduleConfig(
-            **{"beta_start": 0.00085, "beta_end": 0.012, "prediction_type": prediction_type, **overrides.get("schedule", {})}
+            **{"beta_start": 0.00085, "beta_end": 0.012, "prediction_type": prediction_type,
+               **overrides.get("schedule", {})}
         )
     except (ValueError, TypeError, KeyError) as err:
         raise CheckpointError(f"{path}: {err}") from None
@@ -119,7 +123,7 @@ def read_single_file(
         "vae": vae,
         "text_encoder": config_to_dict(text),
         "schedule": config_to_dict(schedule),
-        "tokenizer": {"max_length": text.max_length, "pad_token_id": 0 if kind == "openclip" else 49407},
+        "tokenizer": {"max_length": text.max_length, "pad_token_id": pad_token_id_for(kind)},
         "sample_size": 64,
     }
     return Checkpoint(config, weights)
@@ -136,7 +140,7 @@ def _stored_checkpoint(stored: str, weights: dict[str, dict[str, Tensor]], path:
         raise CheckpointError(f"{path}: metadata {CONFIG_KEY} lacks a unet, vae, text_encoder or schedule config")
     if prediction_type is not None:
         config["schedule"]["prediction_type"] = prediction_type
-    return Checkpoint(config, weights)
+    return Checkpoint(upgrade_config(config), weights)
 
 
 def write_single_file(checkpoint: Checkpoint, path: str | Path) -> None:
@@ -144,15 +148,16 @@ def write_single_file(checkpoint: Checkpoint, path: str | Path) -> None:
     what the weights cannot tell, such as the schedule and the VAE scale factor; other tools ignore it). A
     diffusers-style SD v2 text encoder (transformers layout with GELU) is written in open_clip's layout, as SD v2
     files hold it."""
-    text_cfg = checkpoint.config["text_encoder"]
+    text_cfg = config_from_dict(TextEncoderConfig, checkpoint.config.get("text_encoder", {}), str(path),
+                                "text_encoder.")
     text = checkpoint.weights["text_encoder"]
-    kind = text_cfg["kind"]
-    if kind == "clip" and text_cfg["act"] == "gelu":
-        text, kind = hf_to_openclip(text, add_last=text_cfg["layer"] == "last"), "openclip"
+    kind = text_cfg.kind
+    if kind == "clip" and text_cfg.act == "gelu":
+        text, kind = hf_to_openclip(text, add_last=text_cfg.layer == "last"), "openclip"
     weights = {**checkpoint.weights, "text_encoder": text}
     if checkpoint.ema is not None:
         weights["unet"] = checkpoint.ema
     config = {key: value for key, value in checkpoint.config.items() if key != "classifier"}
-    if kind != text_cfg["kind"]:  # written in open_clip's layout: read back as such
-        config = {**config, "text_encoder": {**text_cfg, "kind": kind}}
+    if kind != text_cfg.kind:  # written in open_clip's layout: read back as such
+        config = {**config, "text_encoder": {**config_to_dict(text_cfg), "kind": kind}}
     save_state_dict(join_single_file(weights, kind), path, metadata={"format": "pt", CONFIG_KEY: json.dumps(config)})

@@ -9,7 +9,9 @@ file loads after stripping the prefix. Block order and widths follow CompVis ``o
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +20,15 @@ from torch.utils.checkpoint import checkpoint
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.resnet import Downsample, ResBlock, Upsample
 from ldm.validation import check_int
+
+# Keys older model files saved under ``unet:`` that are not architecture: read and ignored, never written.
+# gradient_checkpointing is a training-time switch (TrainConfig.gradient_checkpointing, enable_gradient_checkpointing).
+LEGACY_KEYS = ("gradient_checkpointing",)
+
+
+def without_legacy_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved U-Net config without the :data:`LEGACY_KEYS`, ready for ``UNetConfig``."""
+    return {key: value for key, value in data.items() if key not in LEGACY_KEYS}
 
 
 @dataclass
@@ -42,7 +53,6 @@ class UNetConfig:
     use_linear_projection: bool = False
     num_classes: int | None = None
     norm_groups: int = 32
-    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         self.channel_mult = _int_tuple("channel_mult", self.channel_mult, low=1)  # YAML and JSON give lists
@@ -50,9 +60,8 @@ class UNetConfig:
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "context_dim",
                      "transformer_depth", "norm_groups"):
             check_int(name, getattr(self, name), 1)
-        for name in ("use_linear_projection", "gradient_checkpointing"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+        if not isinstance(self.use_linear_projection, bool):
+            raise ValueError(f"use_linear_projection={self.use_linear_projection!r} must be a bool")
         if self.num_classes is not None:
             check_int("num_classes", self.num_classes, 1)
         self._check_levels()
@@ -127,6 +136,7 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or UNetConfig()
+        self.gradient_checkpointing = False  # a runtime switch, not saved: see enable_gradient_checkpointing
         mc, emb_dim = config.model_channels, 4 * config.model_channels
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if config.num_classes is not None:
@@ -190,9 +200,17 @@ class UNet(nn.Module):
             channels, heads, dim_head, c.transformer_depth, c.context_dim, c.use_linear_projection, c.norm_groups
         )
 
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> UNet:
+        """Recompute each block's activations in the backward pass instead of keeping them (Chen et al. 2016):
+        less memory for more compute, while training; the outputs and gradients are the same."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"gradient_checkpointing={enabled!r} must be a bool")
+        self.gradient_checkpointing = enabled
+        return self
+
     def _run(self, block: TimestepEmbedSequential, *args: object) -> Tensor:
         """Run one block, through activation checkpointing (Chen et al. 2016) when enabled and training."""
-        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
@@ -256,6 +274,6 @@ def widen_inputs(unet: UNet, config: UNetConfig) -> UNet:
     grown = weight.new_zeros(weight.shape[0], config.in_channels, *weight.shape[2:])
     grown[:, : old.in_channels] = weight
     state["input_blocks.0.0.weight"] = grown
-    wide = UNet(config)
+    wide = UNet(config).enable_gradient_checkpointing(unet.gradient_checkpointing)
     wide.load_state_dict(state)
     return wide.train(unet.training)

@@ -35,8 +35,8 @@ class DataConfig:
 @dataclass
 class ModelSpec:
     """Start from ``init_from`` (any model format or demo name), or build from the component configs. With
-    ``init_from``, ``unet`` may add inputs (a larger ``in_channels``: ``widen_inputs``) and ``schedule`` fields
-    replace the loaded model's; the other component configs are not used."""
+    ``init_from``, ``unet`` may add inputs (a larger ``in_channels``: ``widen_inputs``, with ``concat`` the condition
+    they take) and ``schedule`` fields replace the loaded model's; the other component configs are not used."""
 
     init_from: str | None = None
     autoencoder_from: str | None = None  # take the (frozen) autoencoder of this model
@@ -73,13 +73,15 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not supported; allowed: 'no', 'fp16', 'bf16'")
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not supported; "
+                             "allowed: 'no', 'fp16', 'bf16'")
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range; allowed: an integer >= 1")
         check_float("optim.text_encoder_lr_scale", self.text_encoder_lr_scale, 0.0)
         if not 0 <= self.decay_steps <= self.max_steps:
-            raise ValueError(f"decay_steps={self.decay_steps!r} is out of range; allowed: 0..max_steps ({self.max_steps})")
+            raise ValueError(f"decay_steps={self.decay_steps!r} is out of range; "
+                             f"allowed: 0..max_steps ({self.max_steps})")
 
 
 @dataclass
@@ -94,6 +96,7 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         if self.latents not in ("sample", "mean"):
             raise ValueError(f"latents={self.latents!r} is not supported; allowed: 'sample', 'mean'")
+        check_float("objective.cond_dropout", self.cond_dropout, 0.0, 1.0)
         check_float("objective.timestep_bias_portion", self.timestep_bias_portion, 0.0, 1.0)
         check_int("objective.timestep_bias_begin", self.timestep_bias_begin, 0)
 
@@ -117,7 +120,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     seed: int = 0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # activation checkpointing of the U-Net while training (a runtime switch)
     cache_latents: bool = False  # keep each image's posterior moments in memory after its first encoding
     lpips_weights: str | None = None  # train-autoencoder: LPIPS (VGG16 + linear layers) file for the perceptual term
     param_checksums: bool = False  # write each rank's parameter checksum per step (multi-process checks)
@@ -140,7 +143,8 @@ OVERRIDES = {"output_dir": "output_dir", "max_steps": "optim.max_steps", "checkp
              "seed": "seed"}
 
 
-def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> TrainConfig:
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                      sets: list[str] | None = None) -> TrainConfig:
     """Read ``path``, apply ``--set key.sub=value`` strings and the named overrides, and validate."""
     data = load_yaml(path)
     for item in sets or []:

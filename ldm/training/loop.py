@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ldm.config import config_to_dict
+from ldm.devices import has_accelerator
 from ldm.training.checkpoints import latest_checkpoint, load_optimizer_state, load_state, save_checkpoint
 from ldm.training.config import TrainConfig, save_train_config
 from ldm.training.ema import EMA
@@ -67,6 +68,14 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         return torch.tensor(values) if isinstance(values[0], int) else values
 
     return {key: stack([item[key] for item in items]) for key in items[0]}
+
+
+def batch_field(batch: dict[str, Any], key: str, needed_by: str) -> Any:
+    """``batch[key]``; a ``ValueError`` naming ``needed_by`` (the setting that needs it) when the dataset lacks it."""
+    if key not in batch:
+        raise ValueError(f"{needed_by} needs {key!r} in each training sample; this dataset gives "
+                         f"{', '.join(sorted(batch))}; allowed: data.kind='shapes'")
+    return batch[key]
 
 
 def parameters(group: list[nn.Module | nn.Parameter]) -> list[nn.Parameter]:
@@ -125,9 +134,9 @@ def encode_latents(vae: nn.Module, images: Tensor, mode: str, generator: torch.G
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    # Without CUDA, cpu=True lets a multi-process launch form gloo ranks (MULTI_CPU) instead of
-    # each process running alone.
-    accelerator = Accelerator(mixed_precision=config.optim.mixed_precision, cpu=not torch.cuda.is_available(),
+    # Without an accelerator (cuda, mps, xpu), cpu=True lets a multi-process launch form gloo ranks (MULTI_CPU)
+    # instead of each process running alone.
+    accelerator = Accelerator(mixed_precision=config.optim.mixed_precision, cpu=not has_accelerator(),
                               gradient_accumulation_steps=config.optim.grad_accum, log_with=config.tracker,
                               project_dir=config.output_dir)
     if config.tracker:
@@ -244,7 +253,8 @@ def _after_step(config: TrainConfig, task: Task, accelerator: Accelerator, optim
         if accelerator.is_main_process:
             states = {"optimizers": [opt.state_dict() for opt in optimizers]}
             folder = save_checkpoint(root, step, lambda path: task.write_model(path, ema),
-                                     ema.state_dict() if ema else {}, states, {"loss": means[0]}, config.keep_checkpoints)
+                                     ema.state_dict() if ema else {}, states, {"loss": means[0]},
+                                     config.keep_checkpoints)
             if on_checkpoint is not None:
                 on_checkpoint(step, folder, accelerator)
         accelerator.wait_for_everyone()

@@ -17,7 +17,7 @@ from ldm.diffusion.samplers import randn_like
 from ldm.io.checkpoint import write_folder
 from ldm.io.files import load_state_dict
 from ldm.training.ema import EMA
-from ldm.training.loop import encode_latents, unwrap
+from ldm.training.loop import batch_field, encode_latents, unwrap
 from pipelines.models import Models
 
 CLASS_NAMES = list(SHAPES)  # the shapes domain's labels, by index
@@ -48,7 +48,7 @@ class ClassifierTask:
         t = torch.randint(0, self.schedule.num_train_timesteps, (latents.shape[0],), generator=generator)
         x_t = self.schedule.q_sample(latents, t, randn_like(latents, generator))
         logits = self.models.classifier(x_t, t.float().to(self.device))
-        return F.cross_entropy(logits, batch["label"].to(self.device))
+        return F.cross_entropy(logits, batch_field(batch, "label", "train-classifier").to(self.device))
 
     def ema_target(self) -> nn.Module:
         return self.models.classifier

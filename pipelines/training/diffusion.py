@@ -12,19 +12,19 @@ from torch import Tensor, nn
 
 from ldm.conditioning.spatial import image_condition, semantic_condition
 from ldm.conditioning.tokenizer import ClipTokenizer
-from ldm.diffusion import NoiseSchedule, diffusion_loss
+from ldm.diffusion import NoiseSchedule, condition_dropout_mask, diffusion_loss
 from ldm.io.checkpoint import write_folder
 from ldm.io.files import load_state_dict
 from ldm.training.config import TrainConfig
 from ldm.training.ema import EMA
-from ldm.training.loop import LatentCache, encode_latents, unwrap
+from ldm.training.loop import LatentCache, batch_field, encode_latents, unwrap
 from pipelines.models import Models
 
 
 def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
-    """Replace each caption by the empty (unconditional) prompt with probability ``p``."""
-    keep = torch.rand(len(captions), generator=generator) >= p
-    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+    """Replace each caption by the empty (unconditional) prompt with probability ``p`` (``condition_dropout_mask``)."""
+    drop = condition_dropout_mask(len(captions), p, generator)
+    return ["" if d else c for c, d in zip(captions, drop.tolist())]
 
 
 class ContextCache:
@@ -35,7 +35,8 @@ class ContextCache:
         self.contexts: dict[str, Tensor] = {}
 
     @torch.no_grad()
-    def get(self, text_encoder: nn.Module, tokenizer: ClipTokenizer, captions: list[str], device: torch.device) -> Tensor:
+    def get(self, text_encoder: nn.Module, tokenizer: ClipTokenizer, captions: list[str],
+            device: torch.device) -> Tensor:
         for caption in dict.fromkeys(c for c in captions if c not in self.contexts):
             self.contexts[caption] = text_encoder(tokenizer([caption]).to(device))[0]
         return torch.stack([self.contexts[c] for c in captions])  # (B, L, D)
@@ -47,7 +48,7 @@ class DiffusionTask:
     def __init__(self, config: TrainConfig, models: Models) -> None:
         self.config, self.models = config, models
         self.schedule = NoiseSchedule.from_config(models.schedule)
-        models.unet.config.gradient_checkpointing = config.gradient_checkpointing
+        models.unet.enable_gradient_checkpointing(config.gradient_checkpointing)
         self.train_vae = config.model.train_vae
         models.vae.requires_grad_(False).eval()
         if self.train_vae:  # only the encoder and quant_conv receive gradients from the diffusion loss
@@ -94,11 +95,13 @@ class DiffusionTask:
         out = {"context": context}
         kind = (m.concat or {}).get("kind")
         if kind == "image":
-            out["concat"] = image_condition(batch["low_res"].to(self.device), size)
+            low_res = batch_field(batch, "low_res", "model.concat kind 'image'")
+            out["concat"] = image_condition(low_res.to(self.device), size)
         elif kind == "semantic":
-            out["concat"] = semantic_condition(batch["semantic"].to(self.device), int(m.concat["num_classes"]), size)
+            labels = batch_field(batch, "semantic", "model.concat kind 'semantic'")
+            out["concat"] = semantic_condition(labels.to(self.device), int(m.concat["num_classes"]), size)
         if unwrap(m.unet).config.num_classes is not None:
-            out["y"] = batch["label"].to(self.device)
+            out["y"] = batch_field(batch, "label", "model.unet.num_classes").to(self.device)
         return out
 
     def loss(self, index: int, batch: dict[str, Any], generator: torch.Generator, step: int) -> Tensor:
