@@ -248,7 +248,7 @@ def build_task(task: str, config: TrainConfig, source: str) -> Any:
 
 def clip_task(config: TrainConfig, source: str) -> Any:
     """A CLIP of ``config.clip``'s sizes (or the one of ``model.init_from``) in its contrastive task."""
-    from ldm.conditioning.tokenizer import ClipTokenizer
+    from ldm.conditioning.tokenizer import ClipTokenizer, pad_token_id_for
     from ldm.modules.clip import ClipConfig, build_clip, load_clip
     from ldm.training.clip import ClipTask
 
@@ -258,7 +258,8 @@ def clip_task(config: TrainConfig, source: str) -> Any:
         clip = load_clip(resolve_source(config.model.init_from))
     else:
         clip = build_clip(config_from_dict(ClipConfig, config.clip, source, "clip."))
-    tokenizer = ClipTokenizer(max_length=clip.config.text_config.max_position_embeddings, pad_token_id=49407)
+    pad = pad_token_id_for("clip")  # transformers' CLIPTextModel: padded with the end token, as SD v1
+    tokenizer = ClipTokenizer(max_length=clip.config.text_config.max_position_embeddings, pad_token_id=pad)
     return ClipTask(clip, tokenizer)
 
 

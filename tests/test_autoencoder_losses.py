@@ -126,6 +126,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_short_training_run_reduces_l1(one_thread):
     """Tiny VAE + PatchGAN, Adam, 100 steps on 8 squares images; GAN on from step 50."""
     torch.manual_seed(0)
@@ -177,6 +178,7 @@ def test_perceptual_module_stays_in_eval_mode():
     assert not any(p.requires_grad for p in crit.perceptual.parameters())
 
 
+@pytest.mark.slow
 def test_load_lpips(tmp_path):
     with pytest.raises(ValueError, match=r"missing\.safetensors.*does not exist.*VGG16.*lin0-4"):
         load_lpips(tmp_path / "missing.safetensors")

@@ -102,6 +102,7 @@ def test_unparsable_argument_gives_one_line(capsys) -> None:
     assert err == "ldm: error: argument --steps: invalid int value: 'two' (see --help)\n"
 
 
+@pytest.mark.slow
 def test_missing_and_corrupt_models_in_a_subprocess(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"\x01" * 100)
     cases = ((tmp_path / "nope", "does not exist"), (tmp_path / "bad.safetensors", "not a readable safetensors"))
@@ -112,6 +113,7 @@ def test_missing_and_corrupt_models_in_a_subprocess(tmp_path: Path) -> None:
         assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_help_has_examples() -> None:
     result = subprocess.run([sys.executable, "-m", "ldm_toolkit.cli", "generate", "--help"], capture_output=True,
                             text=True)

@@ -27,6 +27,7 @@ TINY = ClipConfig(text={"width": 32, "layers": 2, "heads": 2, "max_length": 32},
                   vision_width=32, vision_layers=2, vision_heads=2, projection_dim=16)
 
 
+@pytest.mark.slow
 def test_saved_folder_loads_as_transformers_clipmodel_with_the_same_embeddings(tmp_path: Path) -> None:
     from transformers import CLIPModel
 
@@ -43,9 +44,9 @@ def test_saved_folder_loads_as_transformers_clipmodel_with_the_same_embeddings(t
         torch.testing.assert_close(image_embeddings(ours, images), out.image_embeds, atol=1e-6, rtol=0)
 
 
-CHANGES = {"colour": [{"colour"}, {"colour2"}], "shape": [{"shape"}, {"shape2"}], "colour_swap": [{"colour", "colour2"}],
-           "shape_swap": [{"shape", "shape2"}], "relation": [{"relation"}], "position": [{"position"}],
-           "size": [{"size"}], "background": [{"background"}]}
+CHANGES = {"colour": [{"colour"}, {"colour2"}], "shape": [{"shape"}, {"shape2"}],
+           "colour_swap": [{"colour", "colour2"}], "shape_swap": [{"shape", "shape2"}], "relation": [{"relation"}],
+           "position": [{"position"}], "size": [{"size"}], "background": [{"background"}]}
 
 
 def test_hard_negatives_are_false_for_the_image_by_the_detector() -> None:
@@ -102,6 +103,7 @@ def smoke_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_train_clip_resumes_bitwise(smoke_clip: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "ldm_toolkit.train", SMOKE, "--task", "clip", "--output-dir", str(tmp_path)]
     subprocess.run(command + ["--max-steps", "3"], check=True, env=ENV, capture_output=True, cwd=ROOT)
@@ -111,6 +113,7 @@ def test_train_clip_resumes_bitwise(smoke_clip: Path, tmp_path: Path) -> None:
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.slow
 def test_text_encoder_from_a_clip_folder_is_its_text_tower_and_stays_frozen(smoke_clip: Path, tmp_path: Path) -> None:
     from pipelines import load_models
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.cli import main
 from ldm.data.shapes import make_sample
+from ldm_toolkit.cli import main
 from pipelines import ClassifierGuidedPipeline, SemanticToImagePipeline, SuperResolutionPipeline, TextToImagePipeline
 from pipelines.base import DEMO_MODELS
 from pipelines.evaluation import score_adherence, summarize_adherence
@@ -23,13 +23,19 @@ from pipelines.evaluation.classifier import evaluate_classifier_guidance
 from pipelines.evaluation.spatial import evaluate_semantic, evaluate_super_resolution
 from pipelines.evaluation.text_to_image import generate_batches
 
+pytestmark = pytest.mark.slow
+
 WEIGHTS = Path(str(resources.files("pipelines") / "weights"))
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DIFFUSION_DEMOS = [name for name in DEMO_MODELS if name != "demo-clip"]  # demo-clip is a CLIPModel folder
+
+
 def test_every_demo_model_ships_and_all_fit_in_40_mb() -> None:
-    for name in DEMO_MODELS:
+    for name in DIFFUSION_DEMOS:
         assert (WEIGHTS / name / "model.yaml").is_file(), name
+    assert (WEIGHTS / "demo-clip" / "config.json").is_file() and (WEIGHTS / "demo-clip" / "model.safetensors").is_file()
     total = sum(p.stat().st_size for p in WEIGHTS.rglob("*") if p.is_file())
     assert total <= 40 * 2**20, f"{total / 2**20:.1f} MB"
 
@@ -38,9 +44,10 @@ def test_a_built_wheel_carries_the_demo_weights(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
                     str(ROOT)], check=True, capture_output=True)
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
-    for name in DEMO_MODELS:
+    for name in DIFFUSION_DEMOS:
         assert f"pipelines/weights/{name}/model.yaml" in names
         assert f"pipelines/weights/{name}/unet.safetensors" in names
+    assert "pipelines/weights/demo-clip/model.safetensors" in names
 
 
 def test_readme_main_command_draws_the_prompt(tmp_path: Path, capsys) -> None:
@@ -85,5 +92,31 @@ def test_demo_classifier_steers_the_shape() -> None:
 def test_demo_weights_are_half_precision(name: str) -> None:
     from ldm.io.files import load_state_dict
 
-    state = load_state_dict(WEIGHTS / name / "unet.safetensors")
+    state = load_state_dict(WEIGHTS / name / ("model.safetensors" if name == "demo-clip" else "unet.safetensors"))
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+
+
+def test_demo_clip_ranks_true_captions_above_hard_negatives() -> None:
+    from pipelines.evaluation.clip_score import ClipJudge, evaluate_clip
+
+    report = evaluate_clip(ClipJudge("demo-clip"), count=200, seed=2003)  # held-out real images, full captions
+    accuracy = {kind: entry["accuracy"] for kind, entry in report["by_kind"].items()}
+    assert len(accuracy) == 8 and min(accuracy.values()) >= 0.9, accuracy  # chance: 0.5
+
+
+def test_demo_exports_to_diffusers_and_sd_with_the_same_image(tmp_path: Path) -> None:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    prompt, latents = "a yellow triangle above a green square", torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    ours = TextToImagePipeline.from_pretrained("demo")
+    kwargs = dict(num_inference_steps=25, guidance_scale=7.5, output_type="np")
+    image = ours(prompt, sampler="dpmpp_2m", latents=latents, progress=False, **kwargs).images
+    assert main(["convert", "demo", str(tmp_path / "diffusers"), "--to", "diffusers"]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "diffusers", local_files_only=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(prompt, latents=latents.clone(), **kwargs).images
+    assert reference.shape == image.shape == (1, 64, 64, 3) and np.abs(reference - image).max() <= 1e-3
+    assert main(["convert", "demo", str(tmp_path / "demo.safetensors"), "--to", "sd"]) == 0
+    again = TextToImagePipeline.from_pretrained(tmp_path / "demo.safetensors", prediction_type="v")
+    assert np.abs(again(prompt, sampler="dpmpp_2m", latents=latents, progress=False, **kwargs).images - image).max() <= 1e-3

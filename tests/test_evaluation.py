@@ -12,9 +12,9 @@ import pytest
 import torch
 from sd_fixtures import small_models
 
-from ldm_toolkit.cli import main
 from ldm.data.shapes import BACKGROUNDS, SHAPES, ShapeObject, make_sample, render
-from pipelines.evaluation import run_evaluation, score_adherence, summarize_adherence
+from ldm_toolkit.cli import main
+from pipelines.evaluation import score_adherence, summarize_adherence
 from pipelines.evaluation.classifier import evaluate_classifier_guidance
 from pipelines.evaluation.spatial import evaluate_semantic, evaluate_super_resolution, psnr
 from pipelines.evaluation.text_to_image import heldout_prompts

@@ -197,6 +197,7 @@ def v2_tokens() -> torch.Tensor:
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_openclip_penultimate_equals_open_clip(v2_pair, v2_tokens: torch.Tensor) -> None:
     ours, reference = v2_pair
     layers = ours.config.layers
@@ -208,6 +209,7 @@ def test_openclip_penultimate_equals_open_clip(v2_pair, v2_tokens: torch.Tensor)
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_openclip_through_hf_keys_and_diffusers(v2_pair, v2_tokens: torch.Tensor) -> None:
     ours, _ = v2_pair
     layers = ours.config.layers
@@ -243,6 +245,7 @@ def test_openclip_24_blocks_through_diffusers_without_glue(tmp_path_factory, v2_
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_hf_to_openclip_round_trip(v2_pair, v2_tokens: torch.Tensor) -> None:
     ours, _ = v2_pair
     layers = ours.config.layers

@@ -28,6 +28,8 @@ from toy2d import (
 
 from ldm.diffusion import SAMPLERS, ClassifierGuidance, Denoiser, NoiseSchedule, sample
 
+pytestmark = pytest.mark.slow  # the module's models train for ~13 s; 32 tests take ~40 s on a busy 2-core CPU
+
 NUM_SAMPLES = 2000
 NUM_STEPS = 50  # with the default steps_offset=0 the DDPM/DDIM "leading" steps end at t=0
 TRAIN_STEPS = 2000
