@@ -241,6 +241,7 @@ def _semantic(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
     from ldm.io import export_checkpoint, read_checkpoint
     from pipelines.base import resolve_source
+    from pipelines.models import ModelConfig, config_source
 
     source = resolve_source(args.source)  # a demo name is its shipped folder
     if (source / "config.json").is_file() and not (source / "model_index.json").is_file():
@@ -249,6 +250,7 @@ def _convert(args: argparse.Namespace) -> None:
     if not source.is_file():
         options = {}
     checkpoint = read_checkpoint(source, **options)
+    ModelConfig.from_dict(checkpoint.config, config_source(source))  # every key and value checked before writing
     if args.half:
         from ldm.io.checkpoint import half_precision
 

@@ -15,12 +15,61 @@ from ldm.conditioning.tokenizer import ClipTokenizer
 from ldm.config import ConfigError, config_from_dict, config_to_dict
 from ldm.diffusion.schedule import ScheduleConfig
 from ldm.io import Checkpoint, CheckpointError, export_checkpoint, read_checkpoint
+from ldm.io.checkpoint import CONFIG_FILE
 from ldm.modules.classifier import ClassifierConfig, NoiseAwareClassifier
 from ldm.modules.unet import UNet, UNetConfig
 from ldm.validation import check_choice, check_int
 
 logger = logging.getLogger(__name__)
 CONCAT_KINDS = ("image", "semantic")
+
+
+@dataclasses.dataclass
+class ConcatConfig:
+    """A spatial condition concatenated to the latents: the low-resolution image ("image", super-resolution by
+    ``upscale``, default the autoencoder's factor) or a one-hot label map ("semantic" of ``num_classes``)."""
+
+    kind: str
+    num_classes: int | None = None
+    upscale: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("kind", self.kind, CONCAT_KINDS)
+        if self.kind == "semantic":
+            check_int("num_classes", self.num_classes, 1)
+        if self.upscale is not None:
+            check_int("upscale", self.upscale, 1)
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    max_length: int = 77
+    pad_token_id: int = 49407
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The typed form of ``model.yaml`` (and of the config read from a diffusers folder or an SD file): every
+    component's config, the schedule and what conditions the model. Reading one checks every key and value and
+    names the file, the key and what is allowed."""
+
+    vae: AutoencoderConfig
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    unet: UNetConfig | None = None  # None: an autoencoder alone (ldm train-autoencoder)
+    text_encoder: TextEncoderConfig | None = None
+    tokenizer: TokenizerConfig | None = None
+    concat: ConcatConfig | None = None
+    classifier: ClassifierConfig | None = None
+    class_names: tuple[str, ...] | None = None  # the classifier's labels, by index
+    sample_size: int = 64  # the default latent side
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "model.yaml") -> ModelConfig:
+        return config_from_dict(cls, data, source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, without the parts that are None."""
+        return {key: value for key, value in config_to_dict(self).items() if value is not None}
 
 
 @dataclasses.dataclass
@@ -42,73 +91,75 @@ class Models:
     def __post_init__(self) -> None:
         if self.concat is not None:
             if not isinstance(self.concat, dict):
-                raise ValueError(f"concat={self.concat!r} is not allowed; "
-                                 "allowed: a mapping with kind (and num_classes)")
-            check_choice("concat.kind", self.concat.get("kind"), CONCAT_KINDS)
-            if self.concat["kind"] == "semantic":
-                check_int("concat.num_classes", self.concat.get("num_classes"), 1)
+                raise ValueError(f"concat={self.concat!r} is not allowed; allowed: a mapping with kind, num_classes")
+            config_from_dict(ConcatConfig, self.concat, "concat", "concat.")
         if (self.text_encoder is None) != (self.tokenizer is None):
             raise ValueError("text_encoder and tokenizer come together; got only one of them")
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, source: str = "checkpoint", use_ema: bool = True) -> Models:
-        config, weights = checkpoint.config, dict(checkpoint.weights)
-        if "unet" not in weights:
+        config, weights = ModelConfig.from_dict(checkpoint.config, source), dict(checkpoint.weights)
+        if config.unet is None or "unet" not in weights:
             raise CheckpointError(f"{source}: holds an autoencoder only (no U-Net); use it as model.autoencoder_from")
         if use_ema and checkpoint.ema is not None:
             weights["unet"] = checkpoint.ema
         modules = {name: _build(name, config, source) for name in weights}
         for name, module in modules.items():
             _load_strict(module, weights[name], f"{source} ({name})")
-        tokenizer = ClipTokenizer(**config.get("tokenizer", {})) if "text_encoder" in modules else None
+        text = modules.get("text_encoder")
+        tokenizer = ClipTokenizer(**config_to_dict(config.tokenizer or TokenizerConfig())) if text is not None else None
         return cls(
-            unet=modules["unet"].eval(), vae=modules["vae"].eval(),
-            schedule=config_from_dict(ScheduleConfig, config.get("schedule", {}), source, "schedule."),
-            sample_size=int(config.get("sample_size", 64)),
-            text_encoder=modules["text_encoder"].eval() if "text_encoder" in modules else None, tokenizer=tokenizer,
-            concat=config.get("concat"),
+            unet=modules["unet"].eval(), vae=modules["vae"].eval(), schedule=config.schedule,
+            sample_size=config.sample_size, text_encoder=text.eval() if text is not None else None,
+            tokenizer=tokenizer, concat=_plain(config.concat),
             classifier=modules["classifier"].eval() if "classifier" in modules else None,
-            class_names=config.get("class_names"),
+            class_names=list(config.class_names) if config.class_names else None,
         )
+
+    def config(self) -> ModelConfig:
+        """The typed config of these networks (what ``model.yaml`` holds)."""
+        tokenizer = self.tokenizer and TokenizerConfig(self.tokenizer.max_length, self.tokenizer.pad_token_id)
+        concat = ConcatConfig(**self.concat) if self.concat is not None else None
+        classifier = self.classifier.config if self.classifier is not None else None
+        return ModelConfig(self.vae.config, self.schedule, self.unet.config,
+                           self.text_encoder.config if self.text_encoder is not None else None, tokenizer, concat,
+                           classifier, tuple(self.class_names) if self.class_names else None, self.sample_size)
 
     def to_checkpoint(self) -> Checkpoint:
         modules = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "classifier": self.classifier}
-        modules = {name: module for name, module in modules.items() if module is not None}
-        config: dict[str, Any] = {name: config_to_dict(module.config) for name, module in modules.items()}
-        config.update(schedule=config_to_dict(self.schedule), sample_size=self.sample_size)
-        if self.tokenizer is not None:
-            config["tokenizer"] = {"max_length": self.tokenizer.max_length, "pad_token_id": self.tokenizer.pad_token_id}
-        if self.concat is not None:
-            config["concat"] = dict(self.concat)
-        if self.class_names is not None:
-            config["class_names"] = list(self.class_names)
-        return Checkpoint(config, {name: module.state_dict() for name, module in modules.items()})
+        weights = {name: module.state_dict() for name, module in modules.items() if module is not None}
+        return Checkpoint(self.config().to_dict(), weights)
 
     def save(self, path: str | Path, to: str = "folder") -> None:
         """Save as our folder (default), a diffusers folder ("diffusers") or an SD single file ("sd")."""
         export_checkpoint(self.to_checkpoint(), path, to)
 
 
-_BUILDERS = {
-    "unet": (UNet, UNetConfig),
-    "vae": (AutoencoderKL, AutoencoderConfig),
-    "text_encoder": (TextEncoder, TextEncoderConfig),
-    "classifier": (NoiseAwareClassifier, ClassifierConfig),
-}
+_BUILDERS = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": TextEncoder, "classifier": NoiseAwareClassifier}
 
 
-def _build(name: str, config: dict[str, Any], source: str) -> nn.Module:
-    if name not in config:
+def _plain(config: ConcatConfig | None) -> dict[str, Any] | None:
+    """The concat config as the dict ``Models.concat`` holds (the fields that are set)."""
+    return None if config is None else {k: v for k, v in config_to_dict(config).items() if v is not None}
+
+
+def _build(name: str, config: ModelConfig, source: str) -> nn.Module:
+    if getattr(config, name) is None:
         raise ConfigError(f"{source}: missing key {name!r} (weights for it are present)")
-    module_cls, config_cls = _BUILDERS[name]
-    return module_cls(config_from_dict(config_cls, config[name], source, f"{name}."))
+    return _BUILDERS[name](getattr(config, name))
 
 
 def load_models(source: str | Path, **options: Any) -> Models:
     """Build the models from our folder, a diffusers folder or an SD single file."""
     use_ema = options.pop("use_ema", True)
     checkpoint = read_checkpoint(source, use_ema=use_ema, **options)
-    return Models.from_checkpoint(checkpoint, str(source), use_ema=use_ema)
+    return Models.from_checkpoint(checkpoint, config_source(source), use_ema=use_ema)
+
+
+def config_source(source: str | Path) -> str:
+    """Where a model's config comes from, for error messages: ``model.yaml`` of our folders, else the path."""
+    path = Path(source)
+    return str(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else str(path)
 
 
 def _load_strict(module: nn.Module, weights: dict, source: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from sd_fixtures import diffusers_v1_pipeline, randomize
+from sd_fixtures import diffusers_v1_pipeline, randomize, small_models
 
 from autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.conditioning.text import TextEncoder, TextEncoderConfig
@@ -202,3 +202,22 @@ def test_a_legacy_gradient_checkpointing_key_is_read_and_not_written(tmp_path: P
     save_state_dict(load_state_dict(tmp_path / "m.safetensors"), tmp_path / "old.safetensors",
                     metadata={"format": "pt", CONFIG_KEY: json.dumps(config)})
     assert load_models(tmp_path / "old.safetensors").unet.config == models.unet.config
+
+
+def test_model_yaml_is_one_typed_config_checked_at_load(tmp_path: Path) -> None:
+    from ldm.config import load_yaml, save_yaml
+    from ldm_toolkit.cli import main
+    from pipelines import load_models
+    from pipelines.models import ModelConfig
+
+    small_models().save(tmp_path / "m")
+    config = ModelConfig.from_dict(load_yaml(tmp_path / "m" / "model.yaml"))
+    assert config.unet.context_dim == config.text_encoder.width and config.schedule.num_train_timesteps == 1000
+    assert load_models(tmp_path / "m").config() == config  # what loads is what the file says
+    bad = load_yaml(tmp_path / "m" / "model.yaml")
+    bad["unet"]["num_res_block"] = 2  # a typo
+    save_yaml(bad, tmp_path / "m" / "model.yaml")
+    with pytest.raises(ValueError, match=r"model.yaml: unknown key 'unet.num_res_block'; allowed keys: .*num_res_blocks"):
+        load_models(tmp_path / "m")
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "out"), "--to", "diffusers"]) == 2
+    assert not (tmp_path / "out").exists()  # refused before anything was written
