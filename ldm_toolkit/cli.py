@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    _default_threads()
     try:
         if getattr(args, "device", None) is not None:  # checked before any model is loaded
             from ldm.devices import resolve_device
@@ -55,6 +57,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ldm: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _default_threads() -> None:
+    """Half the cores (at least one) unless OMP_NUM_THREADS says otherwise: on a busy small machine, all of them
+    oversubscribe (a cold `ldm generate` took 71 s with every thread on a busy 2-core machine, 11-14 s with one)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,23 +230,26 @@ def _generate(args: argparse.Namespace) -> None:
             pipe.models.classifier, pipe.models.class_names = donor.classifier.to(pipe.device), donor.class_names
         images = pipe(args.class_label, args.classifier_scale, prompt=args.prompt, negative_prompt=args.negative,
                       **common).images
-    _save(images, args.output)
+    extra = {} if args.class_label is None else {"Class": args.class_label, "Classifier scale": args.classifier_scale}
+    _save(images, args.output, _parameters(args, args.prompt, args.negative, images[0].size, **extra))
 
 
 def _upscale(args: argparse.Namespace) -> None:
     from pipelines import SuperResolutionPipeline
 
     pipe = _pipeline(SuperResolutionPipeline, args)
-    _save(pipe(args.image, num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
-               seed=args.seed).images, args.output)
+    images = pipe(args.image, num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                  seed=args.seed).images
+    _save(images, args.output, _parameters(args, "", None, images[0].size, Source=Path(args.image).name))
 
 
 def _semantic(args: argparse.Namespace) -> None:
     from pipelines import SemanticToImagePipeline
 
     pipe = _pipeline(SemanticToImagePipeline, args)
-    _save(pipe(args.map, prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-               sampler=args.sampler, seed=args.seed).images, args.output)
+    images = pipe(args.map, prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  sampler=args.sampler, seed=args.seed).images
+    _save(images, args.output, _parameters(args, args.prompt, None, images[0].size, Map=Path(args.map).name))
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -271,11 +285,20 @@ def _convert_clip(source: Path, args: argparse.Namespace) -> None:
     print(f"wrote {args.target} (CLIP folder)")
 
 
-def _save(images: list, output: str) -> None:
-    from pipelines.images import make_grid
+def _parameters(args: argparse.Namespace, prompt: str, negative: str | None, size: tuple[int, int],
+                **extra: object) -> str:
+    from pipelines.images import generation_parameters
+
+    return generation_parameters(prompt, negative, args.steps, args.sampler, args.guidance, args.seed, size,
+                                 str(args.model), **extra)
+
+
+def _save(images: list, output: str, parameters: str) -> None:
+    """One image, or a grid of several, as a PNG that carries its generation parameters."""
+    from pipelines.images import make_grid, save_png
 
     grid = images[0] if len(images) == 1 else make_grid(images)
-    grid.save(output)
+    save_png(grid, output, parameters)
     print(f"wrote {output}")
 
 

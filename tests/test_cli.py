@@ -171,3 +171,16 @@ def test_a_classifier_class_that_does_not_exist_gives_one_line(models: dict[str,
     code, _, err = run(["generate", "", "--model", str(models["cls"]), "--class", "hexagon", "--steps", "2",
                         "-o", str(tmp_path / "x.png")], capsys)
     assert code == 2 and err.count("\n") == 1 and "class_label='hexagon' is not allowed; allowed:" in err
+
+
+def test_pngs_carry_their_generation_parameters(models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    code, _, err = run(["generate", "a red circle", "--negative", "a blue square", "--model", str(models["t2i"]),
+                        "--steps", "3", "--guidance", "4", "--sampler", "euler_a", "--seed", "7",
+                        "-o", str(tmp_path / "a.png")], capsys)
+    assert code == 0, err
+    text = Image.open(tmp_path / "a.png").text["parameters"]  # the A1111 chunk, as the WebUIs read it back
+    prompt, negative, settings = text.split("\n")
+    assert (prompt, negative) == ("a red circle", "Negative prompt: a blue square")
+    fields = dict(pair.split(": ", 1) for pair in settings.split(", "))
+    assert fields["Steps"] == "3" and fields["Sampler"] == "Euler a" and fields["CFG scale"] == "4.0"
+    assert fields["Seed"] == "7" and fields["Size"] == "16x16" and fields["Model"] == str(models["t2i"])
