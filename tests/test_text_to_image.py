@@ -10,19 +10,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
-from sd_fixtures import diffusers_v1_pipeline
 
 from pipelines import TextToImagePipeline
 
 DIFFUSERS_SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
 PROMPT, NEGATIVE = "a large red circle in the top left on a white background", "a blue square"
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("sd")
-    diffusers_v1_pipeline(tmp).save_pretrained(tmp / "sd")
-    return tmp / "sd"
 
 
 @pytest.fixture(scope="module")
