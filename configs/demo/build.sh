@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the shipped demo models from scratch (see configs/demo/README.md for times and hardware):
-#   bash configs/demo/build.sh [autoencoder|text-to-image|super-resolution|semantic|classifier ...]
+#   bash configs/demo/build.sh [autoencoder|clip|text-to-image|super-resolution|semantic|classifier ...]
 # Each model trains from its config into runs/demo/<name>/ (resuming if interrupted) and is then
 # written, float16 with its EMA U-Net, to pipelines/weights/<demo name>/. The diffusion models need the
 # autoencoder first; the classifier needs the unconditional model it guides (trained by its step).
@@ -11,7 +11,9 @@ MORE="--set optim.max_steps=3600 --set optim.lr=5e-4 --set optim.decay_steps=120
 step() {
   case "$1" in
     autoencoder) ldm train-autoencoder configs/demo/autoencoder.yaml ;;
-    text-to-image) ldm train configs/demo/text-to-image.yaml   # 3500 steps
+    clip) ldm train-clip configs/demo/clip.yaml
+      ldm convert runs/demo/clip/model pipelines/weights/demo-clip --to folder --half ;;
+    text-to-image) ldm train configs/demo/text-to-image.yaml   # on the CLIP's text tower (runs/demo/clip/model)
       ldm convert runs/demo/text-to-image/model pipelines/weights/demo --to folder --half ;;
     super-resolution) ldm train configs/demo/super-resolution.yaml
       ldm convert runs/demo/super-resolution/model pipelines/weights/demo-sr --to folder --half ;;
@@ -32,10 +34,10 @@ step() {
           --output-dir runs/demo/unconditional-$i --set data.seed=$((i - 2))
       done
       ldm convert runs/demo/unconditional-6/model pipelines/weights/demo-classifier --to folder --half ;;
-    *) echo "build.sh: unknown model '$1'; allowed: autoencoder text-to-image super-resolution semantic classifier" >&2
+    *) echo "build.sh: unknown model '$1'; allowed: autoencoder clip text-to-image super-resolution semantic classifier" >&2
        exit 2 ;;
   esac
 }
-for name in "${@:-autoencoder text-to-image super-resolution semantic classifier}"; do
+for name in "${@:-autoencoder clip text-to-image super-resolution semantic classifier}"; do
   for one in $name; do step "$one"; done
 done
