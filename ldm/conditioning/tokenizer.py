@@ -21,6 +21,7 @@ from ldm.validation import check_choice, check_int
 
 logger = logging.getLogger(__name__)
 
+
 def _open_clip_tokenizer() -> ModuleType:
     """open_clip's ``tokenizer`` module, loaded from its file without running ``open_clip/__init__``
     (which imports torchvision and every model: ~4 s of a cold ``ldm generate``)."""
