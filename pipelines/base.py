@@ -18,15 +18,15 @@ from torch import Tensor
 from autoencoder import tiled_decode
 from ldm.conditioning.spatial import as_condition_batch
 from ldm.devices import resolve_device
-from ldm.diffusion import SAMPLERS, ClassifierFreeGuidance, ClassifierGuidance, Denoiser, NoiseSchedule
+from ldm.diffusion import ClassifierFreeGuidance, ClassifierGuidance, Denoiser, NoiseSchedule
 from ldm.diffusion.denoiser import DenoiserLike
-from ldm.diffusion.samplers import Callback, sample
+from ldm.diffusion.samplers import sample
 from ldm.validation import check_choice, check_float, check_int
 from pipelines.models import Models, load_models
+from pipelines.options import OUTPUT_TYPES, Conditioning, SamplingOptions
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DEMO_MODELS = ("demo", "demo-sr", "demo-semantic", "demo-classifier", "demo-clip")  # demo-clip: a CLIPModel folder
 
 
@@ -56,7 +56,8 @@ def resolve_source(source: str | Path) -> Path:
 
 
 class Pipeline:
-    """Holds the models; subclasses implement ``__call__``."""
+    """Holds the models; a subclass's ``__call__`` builds its :class:`Conditioning` and
+    :class:`SamplingOptions` and calls :meth:`generate`."""
 
     def __init__(self, models: Models, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -99,6 +100,8 @@ class Pipeline:
 
     def latent_shape(self, batch: int, height: int | None, width: int | None,
                      channels: int | None = None) -> tuple[int, ...]:
+        """The latent shape (B,C,h,w) of images ``height``×``width`` (None: the model's native size), checked
+        against the autoencoder's downsampling factor."""
         f = self.models.vae.downsample_factor
         native = self.models.sample_size * f
         height = native if height is None else height
@@ -125,38 +128,91 @@ class Pipeline:
             return latents.to(self.device, torch.float32), generator
         return torch.randn(shape, generator=generator).to(self.device), generator
 
-    def run_sampler(self, denoiser: DenoiserLike, noise: Tensor, sampler: str, steps: int, generator: torch.Generator,
-                    *, x0: Tensor | None = None, strength: float = 1.0, eta: float = 0.0, progress: bool = True,
-                    callback: Callback | None = None) -> Tensor:
-        check_choice("sampler", sampler, SAMPLERS)
-        check_int("num_inference_steps", steps, 1, self.schedule.num_train_timesteps)
-        options = {"eta": check_float("eta", eta, 0.0)} if sampler == "ddim" else {}
-        cfg = self.models.schedule
-        return sample(sampler, denoiser, noise, self.schedule, steps, prediction_type=cfg.prediction_type, x0=x0,
-                      strength=strength, steps_offset=cfg.steps_offset, timestep_spacing=cfg.timestep_spacing,
-                      generator=generator, callback=callback, progress=progress, **options)
+    @torch.no_grad()
+    def generate(self, conditioning: Conditioning, options: SamplingOptions) -> PipelineOutput:
+        """The shared path: prepare the conditioning → build the denoiser → initial noise → sample → decode.
+        The output carries the seed of the initial noise (drawn when ``options.seed`` is None)."""
+        batch = len(conditioning.prompts) * options.num_images_per_prompt
+        shape = self.latent_shape(batch, options.height, options.width)
+        cond, uncond = self.prepare(conditioning, options.num_images_per_prompt)
+        denoiser = self.denoiser(cond, uncond, conditioning, options)
+        seed = self.resolve_seed(options.seed)
+        noise, generator = self.initial_noise(shape, seed, options.latents)
+        latents = self.sample(denoiser, noise, generator, conditioning, options)
+        return dataclasses.replace(self.decode(latents, options.output_type, options.tile), seed=seed)
 
-    def guided(self, context: Tensor, uncond: Tensor, scale: float, rescale: float = 0.0,
-               concat: Tensor | None = None) -> DenoiserLike:
-        """The denoiser: classifier-free guidance of the U-Net over the text (one batched
-        forward), with a concat condition (if any) fed to both branches; the plain conditional
-        U-Net when ``scale`` is 1 (the guided result equals it). The U-Net runs in the pipeline's
-        dtype; the sampler sees float32."""
-        check_float("guidance_scale", scale, 0.0)
+    def prepare(self, conditioning: Conditioning, n: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The U-Net's conditional and unconditional inputs for P prompts × n images: the text context
+        (P·n, L, D) of the prompts and of the negatives, and the concat condition (if any) in both."""
+        cond = {"context": self.encode_prompts(conditioning.prompts).repeat_interleave(n, dim=0)}
+        uncond = {"context": self.encode_prompts(conditioning.negatives).repeat_interleave(n, dim=0)}
+        if conditioning.concat is not None:
+            batch = len(conditioning.prompts) * n
+            cond["concat"] = uncond["concat"] = as_condition_batch(conditioning.concat.to(self.device), batch)
+        return cond, uncond
+
+    def denoiser(self, cond: dict[str, Tensor], uncond: dict[str, Tensor], conditioning: Conditioning,
+                 options: SamplingOptions) -> DenoiserLike:
+        """Classifier-free guidance over ``cond``/``uncond``, under classifier guidance when the
+        conditioning has class labels (one per prompt)."""
+        denoiser = self.guided(cond, uncond, options.guidance_scale, options.guidance_rescale)
+        if conditioning.class_labels is None:
+            return denoiser
+        labels = conditioning.class_labels.repeat_interleave(options.num_images_per_prompt).to(self.device)
+        return self.classifier_guided(denoiser, labels, conditioning.classifier_scale)
+
+    def guided(self, cond: dict[str, Tensor], uncond: dict[str, Tensor], scale: float,
+               rescale: float = 0.0) -> DenoiserLike:
+        """Classifier-free guidance of the U-Net (one batched forward) between ``cond`` and ``uncond``
+        (``context`` and optional ``concat``, channel-concatenated with x); the plain conditional U-Net
+        when ``scale`` is 1 (the guided result equals it). The U-Net runs in the pipeline's dtype; the
+        sampler sees float32."""
         unet = self.models.unet
 
-        def net(x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        def net(x: Tensor, t: Tensor, inputs: dict[str, Tensor]) -> Tensor:
             x = x.to(self.dtype)
-            if "concat" in cond:
-                x = torch.cat([x, cond["concat"].to(x.dtype)], dim=1)  # (B, C + C_cond, h, w)
-            return unet(x, t, cond["context"]).float()
+            if "concat" in inputs:
+                x = torch.cat([x, inputs["concat"].to(x.dtype)], dim=1)  # (B, C + C_cond, h, w)
+            return unet(x, t, inputs["context"]).float()
 
-        cond = {"context": context} if concat is None else {"context": context, "concat": concat}
         prediction_type = self.models.schedule.prediction_type
         if scale == 1.0 and rescale == 0.0:
             return Denoiser(lambda x, t: net(x, t, cond), self.schedule, prediction_type)
-        denoiser = Denoiser(net, self.schedule, prediction_type)
-        return ClassifierFreeGuidance(denoiser, cond, {**cond, "context": uncond}, scale, rescale)
+        return ClassifierFreeGuidance(Denoiser(net, self.schedule, prediction_type), cond, uncond, scale, rescale)
+
+    def classifier_guided(self, denoiser: DenoiserLike, labels: Tensor, scale: float) -> DenoiserLike:
+        """``denoiser`` steered toward ``labels`` (one per image) by the model's noise-aware classifier."""
+        classifier = self.models.classifier
+        if classifier is None:
+            raise ValueError("class_label needs a noise-aware classifier; "
+                             "this model has none (see ldm train-classifier)")
+        check_float("classifier_scale", scale, 0.0)
+        num = classifier.config.num_classes
+        if int(labels.min()) < 0 or int(labels.max()) >= num:
+            raise ValueError(f"class_label={int(labels.max())} is not allowed; allowed: 0..{num - 1}")
+        return ClassifierGuidance(denoiser, lambda x, t: classifier(x.float(), t), labels, scale)
+
+    @staticmethod
+    def resolve_seed(seed: int | None) -> int:
+        """``seed``, or a freshly drawn one (logged, so that the images can be made again)."""
+        if seed is None:
+            seed = draw_seed()
+            logger.info("seed: %d (drawn; pass seed=%d to make these images again)", seed, seed)
+        return seed
+
+    def sample(self, denoiser: DenoiserLike, noise: Tensor, generator: torch.Generator, conditioning: Conditioning,
+               options: SamplingOptions) -> Tensor:
+        """Run the sampler from ``noise`` (or, image-to-image, from the conditioning's start latents
+        at its strength) to the final latents."""
+        steps = check_int("num_inference_steps", options.num_inference_steps, 1, self.schedule.num_train_timesteps)
+        start = conditioning.init_latents
+        x0 = None if start is None else start.to(self.device).expand(noise.shape)
+        extra = {"eta": options.eta} if options.sampler == "ddim" else {}
+        cfg = self.models.schedule
+        return sample(options.sampler, denoiser, noise, self.schedule, steps, prediction_type=cfg.prediction_type,
+                      x0=x0, strength=conditioning.strength, steps_offset=cfg.steps_offset,
+                      timestep_spacing=cfg.timestep_spacing, generator=generator, callback=options.callback,
+                      progress=options.progress, **extra)
 
     @torch.no_grad()
     def decode(self, latents: Tensor, output_type: str, tile: int | None = None) -> PipelineOutput:
@@ -174,66 +230,3 @@ class Pipeline:
         if output_type == "np":
             return PipelineOutput(array)
         return PipelineOutput([Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in array])
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[str],
-        negatives: list[str],
-        *,
-        num_images_per_prompt: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        sampler: str,
-        height: int | None,
-        width: int | None,
-        seed: int | None,
-        latents: Tensor | None,
-        output_type: str,
-        eta: float = 0.0,
-        guidance_rescale: float = 0.0,
-        tile: int | None = None,
-        progress: bool = True,
-        callback: Callback | None = None,
-        concat: Tensor | None = None,
-        init_latents: Tensor | None = None,
-        strength: float = 1.0,
-        class_labels: Tensor | None = None,
-        classifier_scale: float = 0.0,
-    ) -> PipelineOutput:
-        """The shared loop: context for P prompts × n images, a concat condition (1 or P·n rows),
-        optional start latents (image-to-image at ``strength``) and classifier guidance."""
-        n = check_int("num_images_per_prompt", num_images_per_prompt, 1)
-        if len(negatives) not in (1, len(prompts)):
-            raise ValueError(f"negative_prompt has {len(negatives)} entries; "
-                             f"allowed: 1 or {len(prompts)} (one per prompt)")
-        negatives = negatives * (len(prompts) if len(negatives) == 1 else 1)
-        batch = len(prompts) * n
-        shape = self.latent_shape(batch, height, width)
-        context = self.encode_prompts(prompts).repeat_interleave(n, dim=0)  # (P·n, L, D)
-        uncond = self.encode_prompts(negatives).repeat_interleave(n, dim=0)
-        if concat is not None:
-            concat = as_condition_batch(concat.to(self.device), batch)
-        denoiser = self.guided(context, uncond, guidance_scale, guidance_rescale, concat)
-        if class_labels is not None:
-            labels = class_labels.repeat_interleave(n).to(self.device)  # (P·n,)
-            denoiser = self.classifier_guided(denoiser, labels, classifier_scale)
-        if seed is None:
-            seed = draw_seed()
-            logger.info("seed: %d (drawn; pass seed=%d to make these images again)", seed, seed)
-        noise, generator = self.initial_noise(shape, seed, latents)
-        x0 = None if init_latents is None else init_latents.to(self.device).expand(shape)
-        result = self.run_sampler(denoiser, noise, sampler, num_inference_steps, generator, x0=x0, strength=strength,
-                                  eta=eta, progress=progress, callback=callback)
-        return dataclasses.replace(self.decode(result, output_type, tile), seed=seed)
-
-    def classifier_guided(self, denoiser: DenoiserLike, labels: Tensor, scale: float) -> DenoiserLike:
-        classifier = self.models.classifier
-        if classifier is None:
-            raise ValueError("class_label needs a noise-aware classifier; "
-                             "this model has none (see ldm train-classifier)")
-        check_float("classifier_scale", scale, 0.0)
-        num = classifier.config.num_classes
-        if int(labels.min()) < 0 or int(labels.max()) >= num:
-            raise ValueError(f"class_label={int(labels.max())} is not allowed; allowed: 0..{num - 1}")
-        return ClassifierGuidance(denoiser, lambda x, t: classifier(x.float(), t), labels, scale)

@@ -6,9 +6,12 @@ import torch
 
 from ldm.diffusion.samplers import Callback
 from pipelines.base import Pipeline, PipelineOutput
+from pipelines.options import Conditioning, SamplingOptions
 
 
 class ClassifierGuidedPipeline(Pipeline):
+    """``pipe(class_label, classifier_scale, ...)``: images steered toward a class by the model's classifier."""
+
     def class_index(self, label: int | str) -> int:
         """A class index, or a class name from the model's ``class_names``."""
         names = list(self.models.class_names or [])
@@ -37,9 +40,11 @@ class ClassifierGuidedPipeline(Pipeline):
         """Steer the sampler toward ``class_label`` with ε̂ = ε - s·√(1-ᾱ)·∇ log p(y | x_t); a
         ``prompt`` with ``guidance_scale`` > 1 adds classifier-free guidance underneath."""
         labels = torch.tensor([self.class_index(class_label)])
-        return self.generate(
-            [prompt], [negative_prompt or ""], num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler, height=None,
-            width=None, seed=seed, latents=None, output_type=output_type, progress=progress, callback=callback,
-            class_labels=labels, classifier_scale=classifier_scale,
+        options = SamplingOptions(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
+            num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, progress=progress,
+            callback=callback,
         )
+        conditioning = Conditioning([prompt], [negative_prompt or ""], class_labels=labels,
+                                    classifier_scale=classifier_scale)
+        return self.generate(conditioning, options)

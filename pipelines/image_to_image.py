@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from ldm.diffusion.samplers import Callback
 from pipelines.base import Pipeline, PipelineOutput
 from pipelines.images import ImageInput, image_tensor
-from pipelines.text_to_image import as_prompt_list
+from pipelines.options import Conditioning, SamplingOptions
 
 
 class ImageToImagePipeline(Pipeline):
+    """``pipe(prompt, image, strength, ...)``: text-to-image that starts from ``image``'s latents."""
+
+    @torch.no_grad()
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        """Pixels (B,3,H,W) in [-1, 1] → scaled latents: the mean of the autoencoder's posterior."""
+        vae = self.models.vae
+        return vae.encode(pixels.to(next(vae.parameters()).dtype)).mean.float() * vae.config.scale_factor
+
     @torch.no_grad()
     def __call__(
         self,
@@ -31,12 +40,11 @@ class ImageToImagePipeline(Pipeline):
         """``strength`` ∈ (0, 1]: the share of the sampler's steps that is run; 1 ignores the image
         apart from its size. The image is encoded to the posterior mean."""
         pixels = image_tensor(image).to(self.device)
-        vae = self.models.vae
-        latents = vae.encode(pixels.to(next(vae.parameters()).dtype)).mean.float() * vae.config.scale_factor
-        return self.generate(
-            as_prompt_list(prompt), as_prompt_list(negative_prompt, "negative_prompt"),
-            num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, sampler=sampler, height=pixels.shape[-2], width=pixels.shape[-1],
-            seed=seed, latents=None, output_type=output_type, eta=eta, progress=progress, callback=callback,
-            init_latents=latents, strength=strength,
+        options = SamplingOptions(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
+            height=pixels.shape[-2], width=pixels.shape[-1], num_images_per_prompt=num_images_per_prompt, seed=seed,
+            output_type=output_type, eta=eta, progress=progress, callback=callback,
         )
+        start = self.encode_image(pixels)
+        conditioning = Conditioning.from_prompts(prompt, negative_prompt, init_latents=start, strength=strength)
+        return self.generate(conditioning, options)

@@ -4,18 +4,34 @@ is concatenated with the latents at every step (Rombach et al. 2022, §4.4)."""
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from ldm.conditioning.spatial import image_condition
 from ldm.diffusion.samplers import Callback
 from pipelines.base import Pipeline, PipelineOutput
 from pipelines.images import ImageInput, image_tensor
+from pipelines.options import Conditioning, SamplingOptions
 
 
 class SuperResolutionPipeline(Pipeline):
+    """``pipe(image, ...)``: ``image`` upscaled by ``upscale``, conditioned on the image itself."""
+
     @property
     def upscale(self) -> int:
         """Output side / input side, from the model's concat config (default: the VAE factor)."""
         return int((self.models.concat or {}).get("upscale", self.models.vae.downsample_factor))
+
+    def low_resolution_condition(self, image: ImageInput) -> tuple[Tensor, int, int]:
+        """The image resized to the output's latent grid (B,3,h,w), and the output's height and width."""
+        if (self.models.concat or {}).get("kind") != "image":
+            raise ValueError("this model has no low-resolution image condition; use an SR model such as 'demo-sr'")
+        low = image_tensor(image).to(self.device)
+        height, width = low.shape[-2] * self.upscale, low.shape[-1] * self.upscale
+        f = self.models.vae.downsample_factor
+        if height % f or width % f:
+            raise ValueError(f"image of size {low.shape[-1]}x{low.shape[-2]} is not allowed; allowed: sides whose "
+                             f"×{self.upscale} is a multiple of {f}")
+        return image_condition(low, (height // f, width // f)), height, width
 
     @torch.no_grad()
     def __call__(
@@ -31,19 +47,11 @@ class SuperResolutionPipeline(Pipeline):
         callback: Callback | None = None,
     ) -> PipelineOutput:
         """Upscale ``image`` by ``self.upscale``; its side must be the model's native input size
-        or a multiple of the latent grid's step."""
-        if (self.models.concat or {}).get("kind") != "image":
-            raise ValueError("this model has no low-resolution image condition; use an SR model such as 'demo-sr'")
-        low = image_tensor(image).to(self.device)
-        height, width = low.shape[-2] * self.upscale, low.shape[-1] * self.upscale
-        f = self.models.vae.downsample_factor
-        if height % f or width % f:
-            raise ValueError(f"image of size {low.shape[-1]}x{low.shape[-2]} is not allowed; allowed: sides whose "
-                             f"×{self.upscale} is a multiple of {f}")
-        condition = image_condition(low, (height // f, width // f))
-        return self.generate(
-            [prompt], [""], num_images_per_prompt=low.shape[0] if low.shape[0] > 1 else 1,
+        or a multiple of the latent grid's step. A batch of images gives one output per image."""
+        condition, height, width = self.low_resolution_condition(image)
+        options = SamplingOptions(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler, height=height,
-            width=width, seed=seed, latents=None, output_type=output_type, progress=progress, callback=callback,
-            concat=condition,
+            width=width, num_images_per_prompt=max(condition.shape[0], 1), seed=seed, output_type=output_type,
+            progress=progress, callback=callback,
         )
+        return self.generate(Conditioning([prompt], [""], concat=condition), options)

@@ -7,14 +7,7 @@ from torch import Tensor
 
 from ldm.diffusion.samplers import Callback
 from pipelines.base import Pipeline, PipelineOutput
-
-
-def as_prompt_list(prompt: str | list[str] | None, name: str = "prompt") -> list[str]:
-    """One prompt or a list of them; None is the empty (unconditional) prompt."""
-    prompts = [prompt or ""] if prompt is None or isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{name}={prompt!r} is not allowed; allowed: a string or a non-empty list of strings")
-    return prompts
+from pipelines.options import Conditioning, SamplingOptions
 
 
 class TextToImagePipeline(Pipeline):
@@ -47,10 +40,10 @@ class TextToImagePipeline(Pipeline):
         CPU generator (row i·n + j is prompt i, copy j); ``latents`` (unit variance) replace it.
         ``tile`` (in latent pixels) decodes in overlapping tiles, for sizes beyond memory.
         """
-        return self.generate(
-            as_prompt_list(prompt), as_prompt_list(negative_prompt, "negative_prompt"),
-            num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, sampler=sampler, height=height, width=width, seed=seed, latents=latents,
+        options = SamplingOptions(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler, height=height,
+            width=width, num_images_per_prompt=num_images_per_prompt, seed=seed, latents=latents,
             output_type=output_type, eta=eta, guidance_rescale=guidance_rescale, tile=tile, progress=progress,
             callback=callback,
         )
+        return self.generate(Conditioning.from_prompts(prompt, negative_prompt), options)

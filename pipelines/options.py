@@ -1,0 +1,90 @@
+"""What a pipeline call is made of: the conditioning (what the images show) and the sampling options
+(how they are drawn), each checked once, where it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import Tensor
+
+from ldm.diffusion import SAMPLERS
+from ldm.diffusion.samplers import Callback
+from ldm.validation import check_choice, check_float, check_int
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def as_prompt_list(prompt: str | list[str] | None, name: str = "prompt") -> list[str]:
+    """One prompt or a list of them; None is the empty (unconditional) prompt."""
+    prompts = [prompt or ""] if prompt is None or isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name}={prompt!r} is not allowed; allowed: a string or a non-empty list of strings")
+    return prompts
+
+
+@dataclasses.dataclass
+class SamplingOptions:
+    """How to sample, whatever the conditioning: the options every pipeline shares.
+
+    ``height``/``width`` of None are the model's native size; ``seed`` None draws one (reported with the
+    result); ``latents`` (unit variance, (B,C,h,w)) replace the seeded noise; ``eta`` applies to
+    ``ddim``; ``tile`` (latent pixels) decodes in overlapping tiles. The range of
+    ``num_inference_steps`` depends on the model's schedule and is checked when sampling; the
+    size on the autoencoder's factor and is checked when the latent shape is made.
+    """
+
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    sampler: str = "dpmpp_2m"
+    num_images_per_prompt: int = 1
+    height: int | None = None
+    width: int | None = None
+    seed: int | None = 0
+    latents: Tensor | None = None
+    output_type: str = "pil"
+    eta: float = 0.0
+    guidance_rescale: float = 0.0
+    tile: int | None = None
+    progress: bool = True
+    callback: Callback | None = None
+
+    def __post_init__(self) -> None:
+        check_int("num_images_per_prompt", self.num_images_per_prompt, 1)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_float("guidance_scale", self.guidance_scale, 0.0)
+        check_float("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
+        if self.sampler == "ddim":  # the other samplers take no eta
+            self.eta = check_float("eta", self.eta, 0.0)
+        check_choice("output_type", self.output_type, OUTPUT_TYPES)
+
+
+@dataclasses.dataclass
+class Conditioning:
+    """What the images are conditioned on; each pipeline sets the fields its method uses.
+
+    ``prompts``: P prompts (each gives ``num_images_per_prompt`` images); ``negatives``: the
+    unconditional branch of classifier-free guidance, one or one per prompt (stored one per prompt);
+    ``concat``: a spatial condition on the latent grid, concatenated with the latents at every step
+    (1 or P·n rows); ``init_latents``: image-to-image start latents, noised to ``strength``;
+    ``class_labels``: one class per prompt, steered toward by a classifier at ``classifier_scale``.
+    """
+
+    prompts: list[str]
+    negatives: list[str]
+    concat: Tensor | None = None
+    init_latents: Tensor | None = None
+    strength: float = 1.0
+    class_labels: Tensor | None = None
+    classifier_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.negatives) not in (1, len(self.prompts)):
+            raise ValueError(f"negative_prompt has {len(self.negatives)} entries; "
+                             f"allowed: 1 or {len(self.prompts)} (one per prompt)")
+        self.negatives = self.negatives * (len(self.prompts) if len(self.negatives) == 1 else 1)
+
+    @classmethod
+    def from_prompts(cls, prompt: str | list[str] | None, negative_prompt: str | list[str] | None = None,
+                     **method: object) -> Conditioning:
+        """From a user's ``prompt`` and ``negative_prompt`` (a string or a list; None is empty)."""
+        return cls(as_prompt_list(prompt), as_prompt_list(negative_prompt, "negative_prompt"), **method)
