@@ -111,6 +111,15 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Models:
             models.schedule = updated(ScheduleConfig, models.schedule, spec.schedule, "model.schedule.")
         if spec.concat is not None:  # the condition that the added inputs take (as SD inpainting adds 5)
             models.concat = spec.concat
+        if spec.text_encoder_from:  # another text encoder under the trained U-Net (its contexts must fit it)
+            models.text_encoder = load_text_encoder(spec.text_encoder_from)
+            kind = models.text_encoder.config.kind
+            models.tokenizer = ClipTokenizer(max_length=models.text_encoder.config.max_length,
+                                             pad_token_id=pad_token_id_for(kind))
+            if models.text_encoder.config.width != models.unet.config.context_dim:
+                raise ConfigError(f"model.text_encoder_from={spec.text_encoder_from!r} has width "
+                                  f"{models.text_encoder.config.width}; allowed: the U-Net's context_dim "
+                                  f"{models.unet.config.context_dim}")
         return models
     if spec.autoencoder_from:
         vae = load_autoencoder(spec.autoencoder_from)

@@ -113,20 +113,49 @@ def test_train_clip_resumes_bitwise(smoke_clip: Path, tmp_path: Path) -> None:
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-@pytest.mark.slow
-def test_text_encoder_from_a_clip_folder_is_its_text_tower_and_stays_frozen(smoke_clip: Path, tmp_path: Path) -> None:
-    from pipelines import load_models
-
+@pytest.fixture(scope="module")
+def clip_t2i(smoke_clip: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke text-to-image run on the smoke CLIP's text tower (frozen)."""
+    out = tmp_path_factory.mktemp("clip-t2i")
     smoke = str(ROOT / "configs" / "demo" / "smoke.yaml")
-    subprocess.run([sys.executable, "-m", "ldm_toolkit.train", smoke, "--output-dir", str(tmp_path), "--max-steps", "2",
+    subprocess.run([sys.executable, "-m", "ldm_toolkit.train", smoke, "--output-dir", str(out), "--max-steps", "2",
                     "--set", f"model.text_encoder_from={smoke_clip / 'model'}", "--set", "model.text_encoder={}",
                     "--set", "model.train_text_encoder=false", "--set", "model.unet.context_dim=32"],
                    check=True, env=ENV, capture_output=True, cwd=ROOT)
-    clip, models = load_clip(smoke_clip / "model"), load_models(tmp_path / "model")
+    return out / "model"
+
+
+@pytest.mark.slow
+def test_text_encoder_from_a_clip_folder_is_its_text_tower_and_stays_frozen(smoke_clip: Path, clip_t2i: Path) -> None:
+    from pipelines import load_models
+
+    clip, models = load_clip(smoke_clip / "model"), load_models(clip_t2i)
     tokens = models.tokenizer(["a red circle in the top left", ""])
     with torch.no_grad():
         expected = clip.text_model(input_ids=tokens).last_hidden_state  # transformers' own text tower
         torch.testing.assert_close(models.text_encoder(tokens), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_text_encoder_from_replaces_the_encoder_of_init_from(clip_t2i: Path, tmp_path: Path) -> None:
+    from ldm.config import ConfigError
+    from ldm.training.config import DataConfig, ModelSpec
+    from ldm_toolkit.train import build_models
+    from pipelines import load_models
+
+    torch.manual_seed(1)
+    other = build_clip(TINY)  # another CLIP of the U-Net's context width (32)
+    save_clip(other, tmp_path / "other")
+    models = build_models(ModelSpec(init_from=str(clip_t2i), text_encoder_from=str(tmp_path / "other")), DataConfig())
+    tower = {k: v for k, v in other.state_dict().items() if k.startswith("text_model.")}
+    assert all(torch.equal(models.text_encoder.state_dict()[k], v) for k, v in tower.items())
+    trained = load_models(clip_t2i).unet.state_dict()  # the U-Net is the trained one (its EMA weights)
+    assert all(torch.equal(models.unet.state_dict()[k], v) for k, v in trained.items())
+    wide = ClipConfig(text={"width": 64, "layers": 1, "heads": 2, "max_length": 32}, image_size=32,
+                      vision_width=32, vision_layers=1, vision_heads=2, projection_dim=16)
+    save_clip(build_clip(wide), tmp_path / "wide")
+    with pytest.raises(ConfigError, match="has width 64; allowed: the U-Net's context_dim 32"):
+        build_models(ModelSpec(init_from=str(clip_t2i), text_encoder_from=str(tmp_path / "wide")), DataConfig())
 
 
 class _Judge:

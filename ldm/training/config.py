@@ -46,7 +46,8 @@ class ModelSpec:
     vae: dict[str, Any] = field(default_factory=dict)
     text_encoder: dict[str, Any] | None = field(default_factory=dict)  # None: no text conditioning
     # take the text encoder (config and weights) of this CLIP folder (ldm train-clip, transformers' CLIPModel) or
-    # model folder, or demo name, e.g. "demo-clip"; model.text_encoder must then be left empty
+    # model folder, or demo name, e.g. "demo-clip"; model.text_encoder must then be left empty. With init_from it
+    # replaces the loaded model's text encoder (of the U-Net's context width)
     text_encoder_from: str | None = None
     schedule: dict[str, Any] = field(default_factory=dict)
     concat: dict[str, Any] | None = None  # {"kind": "image"} (low-res copy) or {"kind": "semantic", "num_classes": 4}
