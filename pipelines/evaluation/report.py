@@ -57,16 +57,16 @@ def to_uint8(images: Any) -> list[np.ndarray]:
 
 
 def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """Adherence against training samples seen, one line style per run (``curve.jsonl`` records of
-    ``eval_every``): one-object attributes and whole prompt, two-object relation."""
+    """Adherence against training samples seen, one line per run (``curve.jsonl`` records of ``eval_every``):
+    one-object attributes, position and whole prompt, two-object relation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = {"one object: attributes": ("one_object", "attributes"),
+    metrics = {"one object: attributes": ("one_object", "attributes"), "one object: position": ("one_object", "position"),
                "one object: whole prompt": ("one_object", "whole"), "two objects: relation": ("two_object", "relation")}
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4), dpi=110, sharey=True)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), dpi=110, sharey=True)
     for ax, (title, (part, key)) in zip(axes, metrics.items()):
         for name, records in curves.items():
             ax.plot([r["samples"] / 1000 for r in records], [r[part].get(key, np.nan) for r in records], marker=".",
