@@ -64,8 +64,9 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = {"one object: attributes": ("one_object", "attributes"), "one object: position": ("one_object", "position"),
-               "one object: whole prompt": ("one_object", "whole"), "two objects: relation": ("two_object", "relation")}
+    metrics = {"one object: attributes": ("one_object", "attributes"),
+               "one object: position": ("one_object", "position"), "one object: whole prompt": ("one_object", "whole"),
+               "two objects: relation": ("two_object", "relation")}
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), dpi=110, sharey=True)
     for ax, (title, (part, key)) in zip(axes, metrics.items()):
         for name, records in curves.items():
