@@ -1,7 +1,7 @@
 """Tiled encode / decode: run the VAE on overlapping tiles and blend them linearly.
 
-Memory then scales with the tile, not the image (both entry points run without autograd). The result is not bit-identical to a
-whole-image pass: GroupNorm statistics and the mid-block attention see one tile at a time,
+Memory then scales with the tile, not the image (both entry points run without autograd). The result is not
+bit-identical to a whole-image pass: GroupNorm statistics and the mid-block attention see one tile at a time,
 and convolutions see zero padding at tile borders; the linear cross-fade hides the seams.
 """
 

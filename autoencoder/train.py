@@ -64,7 +64,8 @@ class AutoencoderTask:
         write_folder(Checkpoint({"vae": config_to_dict(vae.config)}, {"vae": vae.state_dict()}), path)
         from ldm.io.files import save_state_dict
 
-        save_state_dict({f"{k}.{n}": v for k, part in extra.items() for n, v in part.items()}, path / "training.safetensors")
+        state = {f"{k}.{n}": v for k, part in extra.items() for n, v in part.items()}
+        save_state_dict(state, path / "training.safetensors")
 
     def load_model(self, path: Path) -> None:
         unwrap(self.vae).load_state_dict(load_state_dict(path / "vae.safetensors"))

@@ -50,7 +50,8 @@ def main() -> None:
 
     warm_times, cold_times = warm(args.runs), cold(args.runs)
     print(json.dumps({"threads": torch.get_num_threads(), "warm_25_steps_s": statistics.median(warm_times),
-                      "warm_all_s": [round(t, 3) for t in warm_times], "cold_ldm_generate_s": statistics.median(cold_times),
+                      "warm_all_s": [round(t, 3) for t in warm_times],
+                      "cold_ldm_generate_s": statistics.median(cold_times),
                       "cold_all_s": [round(t, 3) for t in cold_times]}, indent=2))
 
 

@@ -31,8 +31,8 @@ VARIANTS = {
 
 
 def build(sets: list[str], batch: int) -> tuple[Any, Any, Any]:
-    from ldm_toolkit.train import build_dataset, build_task
     from ldm.training.config import load_train_config
+    from ldm_toolkit.train import build_dataset, build_task
 
     config = load_train_config(CONFIG, sets=sets + [f"optim.batch_size={batch}", "data.length=4096"])
     torch.manual_seed(0)

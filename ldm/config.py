@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 def config_from_dict(cls: type[C], data: Mapping[str, Any], source: str = "config", prefix: str = "") -> C:
     """Build dataclass ``cls`` from ``data``, checking keys and types (nested dataclasses too)."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the config'} must be a mapping, got {type(data).__name__}")
+        what = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"{source}: {what} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:

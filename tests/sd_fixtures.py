@@ -34,7 +34,8 @@ def diffusers_v1_pipeline(tmp: Path) -> StableDiffusionPipeline:
         block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
     )
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4))
     for seed, module in enumerate((unet, vae, text)):
         randomize(module, seed)
     tokenizer = CLIPTokenizer.from_pretrained(ClipTokenizer().save_hf(tmp / "tok"))
@@ -62,8 +63,8 @@ def small_models(concat: dict | None = None, text: bool = True, classifier: bool
         parts["text_encoder"] = TextEncoder(TextEncoderConfig(width=32, layers=2, heads=4))
         parts["tokenizer"] = ClipTokenizer()
     if classifier:
-        parts["classifier"] = NoiseAwareClassifier(ClassifierConfig(model_channels=16, channel_mult=(1, 2), num_classes=3,
-                                                                    norm_groups=8))
+        config = ClassifierConfig(model_channels=16, channel_mult=(1, 2), num_classes=3, norm_groups=8)
+        parts["classifier"] = NoiseAwareClassifier(config)
         parts["class_names"] = ["circle", "square", "triangle"]
     for i, module in enumerate([unet, vae] + [m for m in parts.values() if isinstance(m, torch.nn.Module)]):
         randomize(module, seed + i)

@@ -73,8 +73,10 @@ class Oracle:
     def __call__(self, condition: torch.Tensor, **_: object) -> SimpleNamespace:
         batch = self.samples[self.calls * 64:self.calls * 64 + len(condition)]
         self.calls += 1
-        images = np.stack([np.full_like(s.image, 255) if self.blank else s.image for s in batch]).astype(np.float32) / 255
-        return SimpleNamespace(images=torch.from_numpy(images).permute(0, 3, 1, 2) if _["output_type"] == "pt" else images)
+        images = np.stack([np.full_like(s.image, 255) if self.blank else s.image for s in batch]).astype(np.float32)
+        images /= 255
+        as_tensor = _["output_type"] == "pt"
+        return SimpleNamespace(images=torch.from_numpy(images).permute(0, 3, 1, 2) if as_tensor else images)
 
 
 def test_super_resolution_metrics_on_an_oracle() -> None:
@@ -125,8 +127,9 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     paths["clip"] = root / "clip"
     torch.manual_seed(0)
-    save_clip(build_clip(ClipConfig(text={"width": 32, "layers": 1, "heads": 2, "max_length": 32}, image_size=32,
-                                    vision_width=32, vision_layers=1, vision_heads=2, projection_dim=16)), paths["clip"])
+    tiny = ClipConfig(text={"width": 32, "layers": 1, "heads": 2, "max_length": 32}, image_size=32, vision_width=32,
+                      vision_layers=1, vision_heads=2, projection_dim=16)
+    save_clip(build_clip(tiny), paths["clip"])
     return paths
 
 

@@ -167,7 +167,7 @@ def test_weights_that_do_not_fit_the_config_are_reported(tmp_path: Path) -> None
     config = yaml.safe_load((tmp_path / "folder" / "model.yaml").read_text())
     config["unet"]["model_channels"] = 64
     (tmp_path / "folder" / "model.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(CheckpointError, match=r"folder \(unet\): time_embed\.0\.weight has shape \(128, 32\); "
+    with pytest.raises(CheckpointError, match=r"model\.yaml \(unet\): time_embed\.0\.weight has shape \(128, 32\); "
                                               r"the config expects \(256, 64\)"):
         load_models(tmp_path / "folder")
     config["unet"]["model_chanels"] = 64
@@ -217,7 +217,8 @@ def test_model_yaml_is_one_typed_config_checked_at_load(tmp_path: Path) -> None:
     bad = load_yaml(tmp_path / "m" / "model.yaml")
     bad["unet"]["num_res_block"] = 2  # a typo
     save_yaml(bad, tmp_path / "m" / "model.yaml")
-    with pytest.raises(ValueError, match=r"model.yaml: unknown key 'unet.num_res_block'; allowed keys: .*num_res_blocks"):
+    message = r"model.yaml: unknown key 'unet.num_res_block'; allowed keys: .*num_res_blocks"
+    with pytest.raises(ValueError, match=message):
         load_models(tmp_path / "m")
     assert main(["convert", str(tmp_path / "m"), str(tmp_path / "out"), "--to", "diffusers"]) == 2
     assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -14,13 +14,15 @@ def image_condition(image: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     shrink = image.shape[-2] > size[0]
-    return F.interpolate(image, size=size, mode="area" if shrink else "bicubic", align_corners=None if shrink else False)
+    mode, corners = ("area", None) if shrink else ("bicubic", False)
+    return F.interpolate(image, size=size, mode=mode, align_corners=corners)
 
 
 def semantic_condition(labels: Tensor, num_classes: int, size: tuple[int, int]) -> Tensor:
     """A label map (B, H, W) of ints in [0, num_classes) → one-hot (B, num_classes, *size), area-resized."""
     if labels.ndim != 3 or labels.dtype.is_floating_point:
-        raise ValueError(f"semantic map has shape {tuple(labels.shape)} and dtype {labels.dtype}; expected (B, H, W) integers")
+        raise ValueError(f"semantic map has shape {tuple(labels.shape)} and dtype {labels.dtype}; "
+                         "expected (B, H, W) integers")
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         bad = high if high >= num_classes else low

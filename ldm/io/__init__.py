@@ -43,7 +43,8 @@ def export_checkpoint(checkpoint: Checkpoint, path: str | Path, to: str) -> None
     if to in ("diffusers", "sd") and set(checkpoint.weights) != {"unet", "vae", "text_encoder"}:
         raise ValueError(
             f"to={to!r} needs a text-to-image model (U-Net, VAE, text encoder); this one has "
-            f"{', '.join(sorted(checkpoint.weights))}{' and concat conditioning' if 'concat' in checkpoint.config else ''}"
+            f"{', '.join(sorted(checkpoint.weights))}"
+            f"{' and concat conditioning' if 'concat' in checkpoint.config else ''}"
         )
     if to == "folder":
         write_folder(checkpoint, path)

@@ -38,7 +38,8 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     elif path.suffix in PICKLE_SUFFIXES:
         state = _load_pickle(path)
     else:
-        raise CheckpointError(f"{path}: unknown weight file type {path.suffix!r}; allowed: .safetensors, {', '.join(PICKLE_SUFFIXES)}")
+        allowed = ", ".join((".safetensors",) + PICKLE_SUFFIXES)
+        raise CheckpointError(f"{path}: unknown weight file type {path.suffix!r}; allowed: {allowed}")
     if isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}

@@ -17,7 +17,8 @@ def schedule_from_diffusers(cfg: dict[str, Any], source: str = "scheduler_config
         raise CheckpointError(f"{source}: trained_betas are not supported; allowed: a named beta_schedule")
     kind = cfg.get("beta_schedule", "linear")
     if kind not in _FROM_DIFFUSERS_BETAS:
-        raise CheckpointError(f"{source}: beta_schedule={kind!r} is not supported; allowed: {', '.join(_FROM_DIFFUSERS_BETAS)}")
+        allowed = ", ".join(_FROM_DIFFUSERS_BETAS)
+        raise CheckpointError(f"{source}: beta_schedule={kind!r} is not supported; allowed: {allowed}")
     return ScheduleConfig(
         beta_schedule=_FROM_DIFFUSERS_BETAS[kind],
         num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),

@@ -32,7 +32,8 @@ class ClassifierConfig:
         for mult in self.channel_mult:
             check_int("channel_mult", mult, 1)
             if self.model_channels * mult % self.norm_groups:
-                raise ValueError(f"norm_groups={self.norm_groups} does not divide {self.model_channels * mult} channels; "
+                channels = self.model_channels * mult
+                raise ValueError(f"norm_groups={self.norm_groups} does not divide {channels} channels; "
                                  "allowed: a divisor of every model_channels·channel_mult")
 
 

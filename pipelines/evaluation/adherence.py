@@ -42,7 +42,8 @@ def _stated_pair(wanted: dict, found: list[ShapeObject]) -> tuple[ShapeObject, S
     if len(found) != 2:
         return None
     for a, b in (found, found[::-1]):
-        if (a.colour, a.shape, b.colour, b.shape) == (wanted["colour"], wanted["shape"], wanted["colour2"], wanted["shape2"]):
+        stated = (wanted["colour"], wanted["shape"], wanted["colour2"], wanted["shape2"])
+        if (a.colour, a.shape, b.colour, b.shape) == stated:
             return a, b
     return None
 

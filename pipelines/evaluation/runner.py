@@ -99,7 +99,8 @@ def _classifier(out: Path, model: str, o: EvalOptions) -> dict[str, Any]:
     pipe = ClassifierGuidedPipeline.from_pretrained(model, device=o.device)
     report, extra = evaluate_classifier_guidance(pipe, o.count, o.seed, o.classifier_scales, o.steps, o.sampler)
     per, names = extra["per_class"], extra["names"]
-    rows = [[im for c in range(len(names)) for im in extra["images"][s][c * per:c * per + 4]] for s in o.classifier_scales]
+    rows = [[im for c in range(len(names)) for im in extra["images"][s][c * per:c * per + 4]]
+            for s in o.classifier_scales]
     image_grid(rows).save(out / "classifier-grid.png")  # a row per scale; 4 columns per target class
     return report
 
