@@ -123,7 +123,10 @@ def _write_text_encoder(folder: Path, weights: dict[str, Tensor], config: TextEn
     hf = text_config_to_hf(config)
     if config.kind == "openclip":
         weights = openclip_to_hf(weights, config.layers, drop_last=config.layer == "penultimate")
-    _write_json(folder / "config.json", {**CLIPTextConfig(**hf).to_dict(), "architectures": ["CLIPTextModel"]})
+    # float32, as diffusers loads the U-Net and VAE by default: transformers would otherwise take the stored dtype
+    # (float16 for the demo models) and the text encoder's output would not match the U-Net's weights
+    hf_config = CLIPTextConfig(**hf, dtype="float32").to_dict()
+    _write_json(folder / "config.json", {**hf_config, "architectures": ["CLIPTextModel"]})
     save_state_dict({k if k.startswith(HF) else HF + k: v for k, v in weights.items()},
                     folder / _WEIGHT_NAMES["text_encoder"][0])
 
