@@ -8,9 +8,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from ldm.training.stop import TrainingStopped
 
 EXAMPLES = {
     "generate": 'ldm generate "a red circle in the top left" -o out.png\n'
@@ -56,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # CheckpointError and ConfigError are ValueErrors
         print(f"ldm: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print(f"ldm: {err}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from ldm.config import ConfigError, config_from_dict
 from ldm.training.config import DataConfig, ModelSpec, TrainConfig, load_train_config
+from ldm.training.stop import TrainingStopped
 
 if TYPE_CHECKING:  # imported where used: `ldm --help` stays fast
     from autoencoder import AutoencoderKL
@@ -354,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # ConfigError is a ValueError
         sys.stderr.write(f"ldm: error: {err}\n")
         return 2
+    except TrainingStopped as err:
+        sys.stderr.write(f"ldm: {err}\n")
+        return 128 + signal.SIGTERM
     return 0
 
 

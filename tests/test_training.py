@@ -81,6 +81,25 @@ def test_sigkill_after_a_checkpoint_resumes_bitwise(uninterrupted: Path, tmp_pat
 
 
 @pytest.mark.slow
+def test_sigterm_saves_the_step_it_is_in_and_resumes_bitwise(uninterrupted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "terminated"
+    command = train_command(out, "--checkpoint-every", "100")  # no regular checkpoint before step 6
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               cwd=ROOT)
+    log, deadline = out / "log.jsonl", time.time() + 240
+    while not (log.exists() and log.read_text().strip()) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=240)[1]
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    saved = latest_checkpoint(out)
+    assert saved is not None and 1 <= int(saved.name[5:]) < 6 and not (out / "model").exists()
+    assert f"ldm: stopped by SIGTERM after step {int(saved.name[5:])}; its checkpoint" in stderr, stderr
+    subprocess.run(command, check=True, env=ENV, capture_output=True, cwd=ROOT)
+    assert_bitwise_equal(final_state(uninterrupted), final_state(out))
+
+
+@pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "torn"

@@ -24,9 +24,16 @@ from tqdm.auto import tqdm
 
 from ldm.config import config_to_dict
 from ldm.devices import has_accelerator
-from ldm.training.checkpoints import latest_checkpoint, load_optimizer_state, load_state, save_checkpoint
+from ldm.training.checkpoints import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_optimizer_state,
+    load_state,
+    save_checkpoint,
+)
 from ldm.training.config import TrainConfig, save_train_config
 from ldm.training.ema import EMA
+from ldm.training.stop import StopRequest, TrainingStopped
 
 logger = logging.getLogger(__name__)
 
@@ -201,35 +208,60 @@ def _resume(root: Path, task: Task, ema: EMA | None, optimizers: list[torch.opti
 
 def _loop(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerator,
           optimizers: list[torch.optim.Optimizer], ema: EMA | None, step: int, on_checkpoint: Callable | None) -> None:
-    o, rank, world = config.optim, accelerator.process_index, accelerator.num_processes
-    bar = tqdm(total=o.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
-    while step < o.max_steps:
-        losses = []
-        for index, optimizer in enumerate(optimizers):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step) * group["lr_scale"]
-            for micro in range(o.grad_accum):
-                start = ((step * o.grad_accum + micro) * world + rank) * o.batch_size
-                indices = stream_indices(len(dataset), config.seed, start, o.batch_size)
-                batch = {**collate([dataset[i] for i in indices]), "index": torch.tensor(indices)}
-                generator = step_generator(config.seed, step, rank, micro)
-                modules = [m for m in task.groups()[index] if isinstance(m, nn.Module)]
-                with accelerator.accumulate(*modules):
-                    loss = task.loss(index, batch, generator, step)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and o.max_grad_norm > 0:
-                        params = [p for g in optimizer.param_groups for p in g["params"]]
-                        accelerator.clip_grad_norm_(params, o.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-        step += 1
-        if ema is not None:
-            ema.update(unwrap(task.ema_target()))
-        _after_step(config, task, accelerator, optimizers, ema, step, losses, on_checkpoint)
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[0].item():.4f}")
+    bar = tqdm(total=config.optim.max_steps, initial=step, desc="train",
+               disable=not accelerator.is_local_main_process)
+    with StopRequest() as stop:
+        while step < config.optim.max_steps:
+            losses = [_optimizer_step(config, task, dataset, accelerator, index, optimizer, step)
+                      for index, optimizer in enumerate(optimizers)]
+            step += 1
+            if ema is not None:
+                ema.update(unwrap(task.ema_target()))
+            _after_step(config, task, accelerator, optimizers, ema, step, losses, on_checkpoint)
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[0].item():.4f}")
+            if _stop_agreed(stop, accelerator):
+                _stop(config, task, accelerator, optimizers, ema, step, losses[0].item(), on_checkpoint)
     bar.close()
+
+
+def _optimizer_step(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerator, index: int,
+                    optimizer: torch.optim.Optimizer, step: int) -> Tensor:
+    """Optimizer ``index``'s update at ``step`` over its micro-batches; the last micro-batch's loss."""
+    o, rank, world = config.optim, accelerator.process_index, accelerator.num_processes
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step) * group["lr_scale"]
+    for micro in range(o.grad_accum):
+        start = ((step * o.grad_accum + micro) * world + rank) * o.batch_size
+        indices = stream_indices(len(dataset), config.seed, start, o.batch_size)
+        batch = {**collate([dataset[i] for i in indices]), "index": torch.tensor(indices)}
+        generator = step_generator(config.seed, step, rank, micro)
+        modules = [m for m in task.groups()[index] if isinstance(m, nn.Module)]
+        with accelerator.accumulate(*modules):
+            loss = task.loss(index, batch, generator, step)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and o.max_grad_norm > 0:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                accelerator.clip_grad_norm_(params, o.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _stop_agreed(stop: StopRequest, accelerator: Accelerator) -> bool:
+    """Whether any process received SIGTERM (all processes must stop at the same step)."""
+    flag = stop.received is not None
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item())
+
+
+def _stop(config: TrainConfig, task: Task, accelerator: Accelerator, optimizers: list, ema: EMA | None,
+          step: int, loss: float, on_checkpoint: Callable | None) -> None:
+    if step % config.checkpoint_every != 0:  # not saved by the step itself
+        _checkpoint(config, task, accelerator, optimizers, ema, step, loss, on_checkpoint)
+    raise TrainingStopped(f"stopped by SIGTERM after step {step}; its checkpoint is in "
+                          f"{checkpoint_dir(Path(config.output_dir), step)}; run the same command again to resume")
 
 
 def _after_step(config: TrainConfig, task: Task, accelerator: Accelerator, optimizers: list, ema: EMA | None,
@@ -250,11 +282,15 @@ def _after_step(config: TrainConfig, task: Task, accelerator: Accelerator, optim
             f.write(json.dumps(record) + "\n")
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
     if step % config.checkpoint_every == 0 or step == config.optim.max_steps:
-        if accelerator.is_main_process:
-            states = {"optimizers": [opt.state_dict() for opt in optimizers]}
-            folder = save_checkpoint(root, step, lambda path: task.write_model(path, ema),
-                                     ema.state_dict() if ema else {}, states, {"loss": means[0]},
-                                     config.keep_checkpoints)
-            if on_checkpoint is not None:
-                on_checkpoint(step, folder, accelerator)
-        accelerator.wait_for_everyone()
+        _checkpoint(config, task, accelerator, optimizers, ema, step, means[0], on_checkpoint)
+
+
+def _checkpoint(config: TrainConfig, task: Task, accelerator: Accelerator, optimizers: list, ema: EMA | None,
+                step: int, loss: float, on_checkpoint: Callable | None) -> None:
+    if accelerator.is_main_process:
+        states = {"optimizers": [opt.state_dict() for opt in optimizers]}
+        folder = save_checkpoint(Path(config.output_dir), step, lambda path: task.write_model(path, ema),
+                                 ema.state_dict() if ema else {}, states, {"loss": loss}, config.keep_checkpoints)
+        if on_checkpoint is not None:
+            on_checkpoint(step, folder, accelerator)
+    accelerator.wait_for_everyone()
