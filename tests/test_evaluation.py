@@ -38,6 +38,15 @@ def test_a_wrong_attribute_is_caught_and_counted_once() -> None:
     assert summary["attributes"] == pytest.approx(6 / 7)  # 7 stated attributes, one wrong
 
 
+def test_shape_accuracy_is_also_kept_per_stated_class() -> None:
+    image, _ = render("white", [ShapeObject("circle", "red", "large", "top left", (16, 16), (3, 3, 29, 29))], 64)
+    scores = [score_adherence(caption, image) for caption in ("a red square", "a red circle", "a red square")]
+    assert scores[0]["shape_square"] is False and scores[1]["shape_circle"] is True
+    summary = summarize_adherence(scores)
+    assert summary["shape_square"] == 0.0 and summary["shape_circle"] == 1.0 and "shape_triangle" not in summary
+    assert summary["shape"] == pytest.approx(1 / 3) and summary["attributes"] == pytest.approx(4 / 6)
+
+
 def test_a_swapped_relation_fails_the_relation_only() -> None:
     s = next(make_sample(1000, i, two_object_prob=1.0, drop_prob=0.0) for i in range(50)
              if " to the left of " in make_sample(1000, i, two_object_prob=1.0, drop_prob=0.0).caption)

@@ -14,7 +14,8 @@ def score_adherence(caption: str, image: np.ndarray) -> dict[str, bool | None]:
     """Per stated attribute, whether the image (S, S, 3) uint8 shows it (None: not stated).
 
     One-object prompts: shape, colour, size, position (of the largest object found), background,
-    ``count`` (exactly one object) and ``whole`` (all of them). Two-object prompts: ``objects``
+    ``count`` (exactly one object), ``whole`` (all of them) and ``shape_<class>`` (the shape score
+    under the stated class's name, for accuracy per class). Two-object prompts: ``objects``
     (two objects of the stated colours and shapes, nothing else), ``relation`` (those two, in the
     stated relation), background and ``whole``."""
     wanted = parse_caption(caption)
@@ -32,6 +33,8 @@ def score_adherence(caption: str, image: np.ndarray) -> dict[str, bool | None]:
         for key in ("shape", "colour", "size", "position"):
             scores[key] = None if wanted[key] is None else obj is not None and getattr(obj, key) == wanted[key]
         scores["count"] = len(found) == 1
+        if wanted["shape"] is not None:  # the shape again, by the stated class: is a square drawn as a square?
+            scores[f"shape_{wanted['shape']}"] = scores["shape"]
         parts = ("shape", "colour", "size", "position", "background", "count")
     scores["whole"] = all(scores[key] is not False for key in parts)
     return scores
