@@ -135,6 +135,18 @@ def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_pickles_need_a_torch_whose_weights_only_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tomllib
+
+    dependencies = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch>=2.6" in dependencies  # CVE-2025-32434: weights_only=True is bypassable before 2.6
+    torch.save({"x": torch.zeros(2)}, tmp_path / "plain.ckpt")
+    assert torch.equal(load_state_dict(tmp_path / "plain.ckpt")["x"], torch.zeros(2))
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(CheckpointError, match=r"plain\.ckpt: pickle checkpoints are loaded only with torch >= 2\.6"):
+        load_state_dict(tmp_path / "plain.ckpt")
+
+
 def test_corrupt_and_unknown_files_name_the_file(tmp_path: Path) -> None:
     ours = small_v2_models()
     ours.save(tmp_path / "good.safetensors", to="sd")

@@ -56,6 +56,10 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def _load_pickle(path: Path) -> dict:
+    if _torch_version() < (2, 6):
+        raise CheckpointError(f"{path}: pickle checkpoints are loaded only with torch >= 2.6, whose "
+                              f"weights_only=True cannot be bypassed (CVE-2025-32434); this is torch "
+                              f"{torch.__version__}: upgrade torch or convert the file to .safetensors elsewhere")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -104,3 +108,8 @@ def save_state_dict(state: dict[str, Tensor], path: str | Path, metadata: dict[s
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
