@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except TrainingStopped as err:
         print(f"ldm: {err}", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("ldm: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -358,7 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except TrainingStopped as err:
         sys.stderr.write(f"ldm: {err}\n")
-        return 128 + signal.SIGTERM
+        return err.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("ldm: interrupted (Ctrl-C)\n")
+        return 130
     return 0
 
 

@@ -184,3 +184,12 @@ def test_pngs_carry_their_generation_parameters(models: dict[str, Path], tmp_pat
     fields = dict(pair.split(": ", 1) for pair in settings.split(", "))
     assert fields["Steps"] == "3" and fields["Sampler"] == "Euler a" and fields["CFG scale"] == "4.0"
     assert fields["Seed"] == "7" and fields["Size"] == "16x16" and fields["Model"] == str(models["t2i"])
+
+
+def test_ctrl_c_while_generating_is_one_line_and_status_130(tmp_path: Path, capsys, monkeypatch) -> None:
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_pipeline", interrupted)
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "out.png")]) == 130
+    assert capsys.readouterr().err == "ldm: interrupted (Ctrl-C)\n"

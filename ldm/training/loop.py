@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -221,7 +222,7 @@ def _loop(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerato
             bar.update(1)
             bar.set_postfix(loss=f"{losses[0].item():.4f}")
             if _stop_agreed(stop, accelerator):
-                _stop(config, task, accelerator, optimizers, ema, step, losses[0].item(), on_checkpoint)
+                _stop(config, task, accelerator, optimizers, ema, step, losses[0].item(), on_checkpoint, stop)
     bar.close()
 
 
@@ -249,19 +250,24 @@ def _optimizer_step(config: TrainConfig, task: Task, dataset: Any, accelerator: 
 
 
 def _stop_agreed(stop: StopRequest, accelerator: Accelerator) -> bool:
-    """Whether any process received SIGTERM (all processes must stop at the same step)."""
-    flag = stop.received is not None
+    """Whether any process received SIGTERM / SIGINT (all processes must stop at the same step); a process
+    that did not receive one takes SIGTERM as its reason."""
     if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item())
+        return stop.received is not None
+    flag = torch.tensor(float(stop.received is not None), device=accelerator.device)
+    if not accelerator.reduce(flag, reduction="sum").item():
+        return False
+    stop.received = stop.received or signal.SIGTERM
+    return True
 
 
 def _stop(config: TrainConfig, task: Task, accelerator: Accelerator, optimizers: list, ema: EMA | None,
-          step: int, loss: float, on_checkpoint: Callable | None) -> None:
+          step: int, loss: float, on_checkpoint: Callable | None, stop: StopRequest) -> None:
     if step % config.checkpoint_every != 0:  # not saved by the step itself
         _checkpoint(config, task, accelerator, optimizers, ema, step, loss, on_checkpoint)
-    raise TrainingStopped(f"stopped by SIGTERM after step {step}; its checkpoint is in "
-                          f"{checkpoint_dir(Path(config.output_dir), step)}; run the same command again to resume")
+    raise TrainingStopped(f"stopped by {stop.name} after step {step}; its checkpoint is in "
+                          f"{checkpoint_dir(Path(config.output_dir), step)}; run the same command again to resume",
+                          int(stop.received))
 
 
 def _after_step(config: TrainConfig, task: Task, accelerator: Accelerator, optimizers: list, ema: EMA | None,
