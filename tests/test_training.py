@@ -129,6 +129,36 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted: 
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_diverging_run_stops_before_a_non_finite_checkpoint(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "diverged"
+    assert main([SMOKE, "--output-dir", str(out), "--max-steps", "6", "--set", "optim.lr=1e9"]) == 2
+    assert "training diverged at step 2: the gradient norm is nan" in capsys.readouterr().err
+    assert latest_checkpoint(out) is None  # nothing non-finite was saved
+
+
+@pytest.mark.slow
+def test_weights_gone_non_finite_under_a_finite_loss_are_not_saved(tmp_path: Path, capsys,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def poisons_the_last_update(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 6:  # the update of step 6, after a finite loss and finite gradients
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisons_the_last_update)
+    out = tmp_path / "poisoned"
+    assert main([SMOKE, "--output-dir", str(out), "--max-steps", "6", "--checkpoint-every", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "diverged at step 6: the loss is finite but some weights are not" in err
+    assert "the newest checkpoint, step-00000003, is the last finite one" in err
+    assert latest_checkpoint(out).name == "step-00000003" and not (out / "model").exists()
+
+
 def test_two_processes_keep_equal_weights_and_rank0_writes(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

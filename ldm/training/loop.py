@@ -39,6 +39,10 @@ from ldm.training.stop import StopRequest, TrainingStopped
 logger = logging.getLogger(__name__)
 
 
+class DivergedError(ValueError):
+    """Non-finite loss, gradients or weights: the run stops before they reach an optimizer step or a checkpoint."""
+
+
 class Task(Protocol):
     def groups(self) -> list[list[nn.Module]]: ...
     def prepare(self, accelerator: Accelerator) -> None: ...
@@ -241,12 +245,30 @@ def _optimizer_step(config: TrainConfig, task: Task, dataset: Any, accelerator: 
         with accelerator.accumulate(*modules):
             loss = task.loss(index, batch, generator, step)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and o.max_grad_norm > 0:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                accelerator.clip_grad_norm_(params, o.max_grad_norm)
+            if accelerator.sync_gradients:
+                _check_gradients(config, accelerator, optimizer, step, loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def _check_gradients(config: TrainConfig, accelerator: Accelerator, optimizer: torch.optim.Optimizer, step: int,
+                     loss: Tensor) -> None:
+    """Clip to ``max_grad_norm`` (when > 0) and refuse a non-finite gradient before it reaches the weights. The
+    gradients are already summed over processes here, so every process stops at the same step. (With float16
+    mixed precision the loss scaler skips such steps itself.)"""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    limit = config.optim.max_grad_norm if config.optim.max_grad_norm > 0 else float("inf")
+    norm = accelerator.clip_grad_norm_(params, limit)
+    if getattr(accelerator, "scaler", None) is None and not torch.isfinite(torch.as_tensor(norm)):
+        _diverged(config, step, f"the gradient norm is {float(norm)} (loss {loss.item():.4g})")
+
+
+def _diverged(config: TrainConfig, step: int, what: str) -> None:
+    last = latest_checkpoint(Path(config.output_dir))
+    kept = f"the newest checkpoint, {last.name}, is the last finite one" if last else "no checkpoint was written"
+    raise DivergedError(f"training diverged at step {step + 1}: {what}; {kept}; lower optim.lr "
+                        f"(now {config.optim.lr:g}) or check the data, then run again")
 
 
 def _stop_agreed(stop: StopRequest, accelerator: Accelerator) -> bool:
@@ -279,7 +301,7 @@ def _after_step(config: TrainConfig, task: Task, accelerator: Accelerator, optim
             f.write(json.dumps({"step": step, "sum": total}) + "\n")
     means = [accelerator.reduce(loss, reduction="mean").item() for loss in losses]
     if not all(math.isfinite(m) for m in means):
-        raise FloatingPointError(f"loss is {means} at step {step}; lower optim.lr or check the data")
+        _diverged(config, step - 1, f"the loss is {means}")
     if accelerator.is_main_process and (step % config.log_every == 0 or step == config.optim.max_steps):
         record = {"step": step, "loss": means[0], "lr": optimizers[0].param_groups[0]["lr"]}
         record.update({f"loss{i}": m for i, m in enumerate(means[1:], start=1)})
@@ -293,6 +315,9 @@ def _after_step(config: TrainConfig, task: Task, accelerator: Accelerator, optim
 
 def _checkpoint(config: TrainConfig, task: Task, accelerator: Accelerator, optimizers: list, ema: EMA | None,
                 step: int, loss: float, on_checkpoint: Callable | None) -> None:
+    weights = [p for group in task.groups() for p in parameters(group)] + list(ema.state_dict().values() if ema else [])
+    if not all(bool(torch.isfinite(w).all()) for w in weights):
+        _diverged(config, step - 1, "the loss is finite but some weights are not")
     if accelerator.is_main_process:
         states = {"optimizers": [opt.state_dict() for opt in optimizers]}
         folder = save_checkpoint(Path(config.output_dir), step, lambda path: task.write_model(path, ema),
