@@ -7,7 +7,9 @@ model bundle and its training tasks (``pipelines.training``); the loop itself (`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 
 from ldm.config import ConfigError, config_from_dict
 from ldm.training.config import DataConfig, ModelSpec, TrainConfig, load_train_config
+from ldm.training.lock import RunLock
 from ldm.training.stop import TrainingStopped
 
 if TYPE_CHECKING:  # imported where used: `ldm --help` stays fast
@@ -154,11 +157,15 @@ def run(args: argparse.Namespace) -> None:
         from pipelines.training.lora import check_finetune
 
         check_finetune(config, args.config)
-    dataset = build_dataset(config.data, task)
+    with RunLock(config.output_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        _train(task, config, build_dataset(config.data, task), args.config)
+
+
+def _train(task: str, config: TrainConfig, dataset: Any, source: str) -> None:
     from ldm.training.loop import run_training
 
     torch.manual_seed(config.seed)  # weight initialisation of whatever is built from configs (and LoRA's A)
-    trainer = build_task(task, config, args.config)
+    trainer = build_task(task, config, source)
     final = run_training(config, trainer, dataset, on_checkpoint=checkpoint_hooks(config, task))
     logger.info("model written to %s", final)
     if task == "finetune":

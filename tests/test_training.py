@@ -159,6 +159,27 @@ def test_weights_gone_non_finite_under_a_finite_loss_are_not_saved(tmp_path: Pat
     assert latest_checkpoint(out).name == "step-00000003" and not (out / "model").exists()
 
 
+def test_a_second_run_on_a_held_output_dir_stops_at_once_naming_the_holder(tmp_path: Path) -> None:
+    from ldm.training.lock import RunLock
+
+    out = tmp_path / "busy"
+    with RunLock(out):  # this process is the running holder
+        result = subprocess.run(train_command(out), env=ENV, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"is in use by pid {os.getpid()} on " in result.stderr and "--output-dir" in result.stderr
+    assert not (out / "checkpoints").exists() and not (out / "config.yaml").exists()
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path: Path) -> None:
+    from ldm.training.lock import RunLock
+
+    out = tmp_path / "left"
+    out.mkdir()
+    (out / ".lock").write_text("pid 999999 on elsewhere\n")  # its holder is gone: no flock is held
+    with RunLock(out):
+        assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} ")
+
+
 def test_two_processes_keep_equal_weights_and_rank0_writes(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
