@@ -57,7 +57,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def save_yaml(data: Mapping[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(_plain(dict(data)), sort_keys=False))
+    from ldm.io.files import write_text_atomic  # here: ldm.io imports this module
+
+    write_text_atomic(path, yaml.safe_dump(_plain(dict(data)), sort_keys=False))
 
 
 def _plain(value: Any) -> Any:

@@ -234,3 +234,22 @@ def test_model_yaml_is_one_typed_config_checked_at_load(tmp_path: Path) -> None:
         load_models(tmp_path / "m")
     assert main(["convert", str(tmp_path / "m"), str(tmp_path / "out"), "--to", "diffusers"]) == 2
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_writes_go_through_fresh_temp_names_and_reach_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ldm.io import write_folder
+    from ldm.io.checkpoint import Checkpoint
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / ".model.yaml.tmp").symlink_to(victim)  # planted at the temp name an earlier version used
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    write_folder(Checkpoint({"sample_size": 8}, {"unet": {"w": torch.ones(2)}}), folder)
+    assert victim.read_text() == "keep me" and (folder / "model.yaml").read_text().startswith("sample_size: 8")
+    assert str(folder) in synced  # the folder, after the renames into it
+    assert sum(".unet.safetensors." in name for name in synced) == 1  # the file, before its rename
+    assert sum(".model.yaml." in name and name.endswith(".tmp") for name in synced) == 1

@@ -17,6 +17,7 @@ from types import ModuleType
 
 import torch
 
+from ldm.io.files import write_text_atomic
 from ldm.validation import check_choice, check_int
 
 logger = logging.getLogger(__name__)
@@ -145,4 +146,4 @@ def _read_vocab(folder: Path) -> dict[str, int]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False))

@@ -80,9 +80,7 @@ def write_folder(checkpoint: Checkpoint, path: str | Path) -> None:
         save_state_dict(state, path / f"{name}.safetensors")
     if checkpoint.ema is not None:
         save_state_dict(checkpoint.ema, path / "ema.safetensors")
-    tmp = path / f".{CONFIG_FILE}.tmp"
-    save_yaml(checkpoint.config, tmp)
-    tmp.replace(path / CONFIG_FILE)
+    save_yaml(checkpoint.config, path / CONFIG_FILE)  # last: a folder without it is not a model
 
 
 def half_precision(checkpoint: Checkpoint) -> Checkpoint:

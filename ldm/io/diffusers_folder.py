@@ -15,7 +15,7 @@ from ldm.conditioning.tokenizer import ClipTokenizer
 from ldm.config import config_from_dict, config_to_dict
 from ldm.diffusion.schedule import ScheduleConfig
 from ldm.io.checkpoint import Checkpoint
-from ldm.io.files import CheckpointError, load_state_dict, save_state_dict
+from ldm.io.files import CheckpointError, load_state_dict, save_state_dict, write_text_atomic
 from ldm.io.scheduler_config import schedule_from_diffusers, schedule_to_diffusers
 from ldm.io.text_keys import HF, openclip_to_hf, text_config_from_hf, text_config_to_hf
 from ldm.io.unet_keys import (
@@ -51,8 +51,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _read_weights(folder: Path, component: str) -> dict[str, Tensor]:

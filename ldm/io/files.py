@@ -90,17 +90,36 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path`` atomically."""
+    """Yield a fresh temporary path beside ``path`` (a unique name, created by us: nothing planted there is
+    followed); on success flush it to disk and rename it over ``path``, then flush the folder, so that a crash
+    or power cut leaves either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or a folder's contents to disk (folders: their entries, i.e. renames into them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file (UTF-8) atomically, as ``atomic_path`` does."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def save_state_dict(state: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.conditioning.text import TextEncoder, TextEncoderConfig, hf_text_kwargs
-from ldm.io.files import CheckpointError, atomic_path, load_state_dict, save_state_dict
+from ldm.io.files import CheckpointError, load_state_dict, save_state_dict, write_text_atomic
 from ldm.validation import check_int
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -81,8 +81,7 @@ def save_clip(model: nn.Module, folder: str | Path, state: dict[str, Tensor] | N
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_state_dict(state if state is not None else model.state_dict(), folder / WEIGHTS, metadata={"format": "pt"})
-    with atomic_path(folder / CONFIG) as tmp:
-        tmp.write_text(model.config.to_json_string())
+    write_text_atomic(folder / CONFIG, model.config.to_json_string())
 
 
 def load_clip(folder: str | Path) -> nn.Module:

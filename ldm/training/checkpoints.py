@@ -12,12 +12,13 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ldm.io.files import save_state_dict
+from ldm.io.files import fsync_path, save_state_dict
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -43,18 +44,21 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def save_checkpoint(root: Path, step: int, write_model, ema_state: dict, optimizer_state: dict,
                     state: dict[str, Any], keep: int) -> Path:
-    """Write everything into ``.tmp-step-N``, then rename it to ``step-N`` (atomic on POSIX)."""
+    """Write everything into a fresh ``.tmp-step-N.XXXX`` folder, flush it to disk, then rename it to
+    ``step-N`` (atomic on POSIX) and flush the rename."""
     final = checkpoint_dir(root, step)
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
     write_model(tmp / "model")
     save_state_dict(ema_state, tmp / "ema.safetensors")
     torch.save(optimizer_state, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+    for path in [*tmp.rglob("*"), tmp]:  # files, then the folders' entries
+        fsync_path(path)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_path(final.parent)
     _prune(root, keep)
     logger.info("saved checkpoint %s", final)
     return final

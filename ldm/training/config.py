@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from ldm.config import ConfigError, config_from_dict, config_to_dict, load_yaml
+from ldm.io.files import write_text_atomic
 from ldm.validation import check_float, check_int
 
 
@@ -170,7 +171,7 @@ def _assign(data: dict[str, Any], dotted: str, value: Any, source: str) -> None:
 
 
 def save_train_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 __all__ = ["TrainConfig", "load_train_config", "save_train_config"]

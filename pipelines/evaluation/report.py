@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ldm.io.files import write_text_atomic
 from pipelines.images import make_grid
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def plot_adherence(report: dict[str, Any], path: Path) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ldm.config import ConfigError, config_from_dict, config_to_dict
 from ldm.io import CheckpointError, export_checkpoint, load_state_dict, read_checkpoint, save_state_dict
+from ldm.io.files import write_text_atomic
 from ldm.training.config import TrainConfig
 from ldm.training.ema import EMA
 from ldm.training.loop import unwrap
@@ -93,7 +94,7 @@ def save_lora(unet: nn.Module, folder: str | Path, settings: LoraSettings, base_
     folder.mkdir(parents=True, exist_ok=True)
     save_state_dict(get_peft_model_state_dict(unet, adapter_name=ADAPTER), folder / WEIGHTS)
     meta = {"format": FORMAT, "base_model": base_model, "lora": config_to_dict(settings)}
-    (folder / SETTINGS).write_text(json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(folder / SETTINGS, json.dumps(meta, indent=2) + "\n")
 
 
 def read_lora_settings(folder: str | Path) -> tuple[LoraSettings, str | None]:
