@@ -3,6 +3,7 @@ imported), the detector against the renderer, and every validation error of imag
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -283,3 +284,25 @@ def test_image_caption_folder_missing_paths(tmp_path: Path) -> None:
         ImageCaptionFolder(tmp_path / "nowhere", image_size=8)
     with pytest.raises(ValueError, match=r"has no metadata.jsonl"):
         ImageCaptionFolder(tmp_path, image_size=8)
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "../missing.png", "ABSOLUTE", "link.png"])
+def test_image_paths_stay_inside_the_folder_and_say_nothing_of_outside(tmp_path: Path, name: str) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    name = str(tmp_path / "outside.png") if name == "ABSOLUTE" else name
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"metadata.jsonl:1: file_name .* leads outside the image folder") as err:
+        ImageCaptionFolder(root, image_size=8)
+    assert "exist" not in str(err.value)  # the same words whether the outside file exists or not
+
+
+def test_a_truncated_image_fails_when_the_folder_is_read(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data", [json.dumps({"file_name": "cut.jpg", "text": "x"})], {})
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    (root / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(ValueError, match=r"metadata.jsonl:1: image .*cut.jpg cannot be read"):
+        ImageCaptionFolder(root, image_size=8)

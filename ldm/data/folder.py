@@ -41,13 +41,24 @@ def _parse_line(line: str, where: str) -> tuple[str, str]:
     return record["file_name"], record["text"]
 
 
+def _inside(root: Path, name: str, where: str) -> Path:
+    """``root / name`` resolved (links followed), refused unless it stays inside ``root``; checked before
+    anything is looked up, so the error says nothing about files outside."""
+    path = (root / name).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ValueError(f"{where}: file_name {name!r} leads outside the image folder {root}; "
+                         "allowed: a path inside it")
+    return path
+
+
 def _check_image(path: Path, where: str) -> None:
-    """Raise ``ValueError`` unless ``path`` is a file PIL can read."""
+    """Raise ``ValueError`` unless ``path`` is a file PIL can decode in full (a truncated file fails here,
+    not hours into training)."""
     if not path.is_file():
         raise ValueError(f"{where}: image {path} does not exist")
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.load()
     except Exception as err:  # PIL raises many types for broken files
         raise ValueError(f"{where}: image {path} cannot be read ({type(err).__name__}: {err})") from None
 
@@ -66,8 +77,9 @@ def read_metadata(root: str | Path) -> list[tuple[Path, str]]:
         if line.strip():
             where = f"{metadata}:{number}"
             name, text = _parse_line(line, where)
-            _check_image(root / name, where)
-            items.append((root / name, text))
+            path = _inside(root, name, where)
+            _check_image(path, where)
+            items.append((path, text))
     if not items:
         raise ValueError(f"{metadata} lists no images; the dataset would be empty")
     return items
