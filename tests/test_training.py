@@ -213,6 +213,11 @@ def write_config(tmp_path: Path, text: str) -> str:
         ("optim: {decay_steps: 5, max_steps: 3}\n", "decay_steps=5 is out of range; allowed: 0..max_steps (3)"),
         ("model: {autoencoder_from: ae, vae: {base_channels: 8}}\n", "model.vae.base_channels cannot change"),
         ("model: {autoencoder_from: ae, vae: {scale_factor: -1}}\n", "model.vae.scale_factor=-1 is not allowed"),
+        ("a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n", "line 2: aliases (*a) are not allowed"),  # billion laughs
+        ("seed: !!python/object/apply:os.system [echo]\n", "not valid YAML"),
+        ("keep_checkpoints: -1\n", "keep_checkpoints=-1 is out of range; allowed: an integer >= 1"),
+        ("checkpoint_every: 0\n", "checkpoint_every=0 is out of range; allowed: an integer >= 1"),
+        ("eval_every: -5\n", "eval_every=-5 is out of range"),
     ],
 )
 def test_configs_are_checked_before_models_are_built(tmp_path: Path, capsys, monkeypatch, text: str,

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from ldm.config import ConfigError, config_from_dict, config_to_dict, load_yaml
+from ldm.config import ConfigError, config_from_dict, config_to_dict, load_yaml, parse_yaml
 from ldm.io.files import write_text_atomic
 from ldm.validation import check_float, check_int
 
@@ -140,6 +140,12 @@ class TrainConfig:
     eval_seed: int = 4002
     lora: dict[str, Any] | None = None  # finetune: {"rank": 4, "alpha": 4} trains LoRA adapters only
 
+    def __post_init__(self) -> None:
+        for name in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_steps"):
+            check_int(name, getattr(self, name), 1)
+        check_int("eval_every", self.eval_every, 0)
+        check_int("eval_count", self.eval_count, 1, 100_000)
+
 
 OVERRIDES = {"output_dir": "output_dir", "max_steps": "optim.max_steps", "checkpoint_every": "checkpoint_every",
              "seed": "seed"}
@@ -153,7 +159,11 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None,
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r} is not allowed; allowed: KEY=VALUE, e.g. optim.lr=1e-4")
-        _assign(data, key, yaml.safe_load(value), str(path))
+        try:
+            parsed = parse_yaml(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(err).split())})") from None
+        _assign(data, key, parsed, str(path))
     for name, value in (overrides or {}).items():
         if value is not None:
             _assign(data, OVERRIDES[name], value, str(path))
