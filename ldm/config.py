@@ -83,6 +83,14 @@ def save_yaml(data: Mapping[str, Any], path: str | Path) -> None:
     write_text_atomic(path, yaml.safe_dump(_plain(dict(data)), sort_keys=False))
 
 
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys: {"optim": {"lr": 1}} → {"optim.lr": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, Mapping) else {f"{prefix}{key}": value})
+    return out
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}

@@ -20,6 +20,7 @@ import torch
 from ldm.config import ConfigError, config_from_dict
 from ldm.training.config import DataConfig, ModelSpec, TrainConfig, load_train_config
 from ldm.training.lock import RunLock
+from ldm.training.resume import check_resume_config
 from ldm.training.stop import TrainingStopped
 
 if TYPE_CHECKING:  # imported where used: `ldm --help` stays fast
@@ -39,6 +40,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of data order, noise and dropout")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set optim.lr=2e-4 (repeatable)")
+    parser.add_argument("--allow-config-change", action="append", default=[], metavar="KEY",
+                        help="let a resumed run differ from its saved config.yaml at KEY (repeatable), "
+                        "e.g. optim.lr; without it such a resume stops with the keys that differ")
 
 
 def read_config(args: argparse.Namespace) -> TrainConfig:
@@ -158,6 +162,7 @@ def run(args: argparse.Namespace) -> None:
 
         check_finetune(config, args.config)
     with RunLock(config.output_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        check_resume_config(config, getattr(args, "allow_config_change", []))
         _train(task, config, build_dataset(config.data, task), args.config)
 
 

@@ -180,6 +180,22 @@ def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path: Path) -> None:
         assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} ")
 
 
+def test_a_resume_with_a_changed_config_is_refused_unless_named(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main([SMOKE, "--output-dir", str(out), "--max-steps", "3"]) == 0
+    saved, _ = (out / "config.yaml").read_text(), capsys.readouterr()
+    changed = [SMOKE, "--output-dir", str(out), "--max-steps", "4", "--seed", "5", "--set", "optim.batch_size=2"]
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "optim.batch_size: 4 → 2; seed: 0 → 5" in err
+    assert "--allow-config-change optim.batch_size" in err and (out / "config.yaml").read_text() == saved
+    assert latest_checkpoint(out).name == "step-00000003"
+    allowed = ["--allow-config-change", "optim.batch_size", "--allow-config-change", "seed"]
+    assert main(changed + allowed) == 0 and latest_checkpoint(out).name == "step-00000004"
+    assert main([SMOKE, "--output-dir", str(out), "--max-steps", "5", "--seed", "5", "--set", "optim.batch_size=2",
+                 "--set", "log_every=2"]) == 0  # the saved config is now the changed one; bookkeeping is free
+
+
 def test_two_processes_keep_equal_weights_and_rank0_writes(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

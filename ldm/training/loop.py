@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ldm.config import config_to_dict
+from ldm.config import config_to_dict, flatten
 from ldm.devices import has_accelerator
 from ldm.training.checkpoints import (
     checkpoint_dir,
@@ -152,16 +152,9 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
                               gradient_accumulation_steps=config.optim.grad_accum, log_with=config.tracker,
                               project_dir=config.output_dir)
     if config.tracker:
-        scalars = {k: v for k, v in _flat(config_to_dict(config)).items() if isinstance(v, (int, float, str, bool))}
+        scalars = {k: v for k, v in flatten(config_to_dict(config)).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("ldm", config=scalars)
     return accelerator
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
 
 
 def run_training(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerator | None = None,
