@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import TypeVar
 
@@ -34,13 +35,13 @@ def check_float(
     *,
     low_open: bool = False,
 ) -> float:
-    """Return ``value`` as float if it lies in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
+    """Return ``value`` as float if it is finite and lies in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{param}={value!r} must be a number")
     value = float(value)
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and value > high
-    if below or above or value != value:
+    if below or above or not math.isfinite(value):
         left = "(" if low_open else "["
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"

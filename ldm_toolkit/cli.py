@@ -54,8 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ldm.devices import resolve_device
 
             args.device = str(resolve_device(args.device, "--device"))
+        if args.command in ("generate", "upscale", "semantic"):
+            _check_before_sampling(args)
         args.run(args)
-    except (ValueError, OSError) as err:  # CheckpointError and ConfigError are ValueErrors
+    except (ValueError, OSError, ArithmeticError) as err:  # CheckpointError, ConfigError: ValueErrors
         print(f"ldm: error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:
@@ -217,6 +219,20 @@ def _train(args: argparse.Namespace) -> None:
     args.task = {"train": "diffusion", "train-autoencoder": "autoencoder", "train-classifier": "classifier",
                  "finetune": "finetune", "train-clip": "clip"}[args.command]
     run(args)
+
+
+def _check_before_sampling(args: argparse.Namespace) -> None:
+    """The output path and the sampling options, checked before any model is loaded."""
+    from pipelines.options import SamplingOptions
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".png" or out.is_dir():
+        raise ValueError(f"-o/--output={args.output!r} is not allowed; allowed: a .png file path (not a folder)")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"-o/--output={args.output!r}: the folder {str(folder)!r} does not exist or is not writable")
+    SamplingOptions(num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                    num_images_per_prompt=getattr(args, "num_images", 1))
 
 
 def _pipeline(cls: type, args: argparse.Namespace):

@@ -139,6 +139,10 @@ class Pipeline:
         seed = self.resolve_seed(options.seed)
         noise, generator = self.initial_noise(shape, seed, options.latents)
         latents = self.sample(denoiser, noise, generator, conditioning, options)
+        if not bool(torch.isfinite(latents).all()):  # would decode to a black image
+            raise FloatingPointError(f"sampling gave non-finite latents (seed {seed}, guidance_scale "
+                                     f"{options.guidance_scale:g}, sampler {options.sampler!r}); the model's weights "
+                                     "or a float16 overflow are the usual causes: try dtype float32")
         return dataclasses.replace(self.decode(latents, options.output_type, options.tile), seed=seed)
 
     def prepare(self, conditioning: Conditioning, n: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

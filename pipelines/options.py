@@ -12,6 +12,7 @@ from ldm.diffusion.samplers import Callback
 from ldm.validation import check_choice, check_float, check_int
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_IMAGES = 256  # per prompt and call: one batch; more is a loop over calls
 
 
 def as_prompt_list(prompt: str | list[str] | None, name: str = "prompt") -> list[str]:
@@ -49,7 +50,7 @@ class SamplingOptions:
     callback: Callback | None = None
 
     def __post_init__(self) -> None:
-        check_int("num_images_per_prompt", self.num_images_per_prompt, 1)
+        check_int("num_images_per_prompt", self.num_images_per_prompt, 1, MAX_IMAGES)
         check_choice("sampler", self.sampler, SAMPLERS)
         check_float("guidance_scale", self.guidance_scale, 0.0)
         check_float("guidance_rescale", self.guidance_rescale, 0.0, 1.0)

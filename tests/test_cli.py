@@ -85,6 +85,9 @@ def test_convert_to_diffusers_and_sd(models: dict[str, Path], tmp_path: Path, ca
         (["--sampler", "plms"],
          "sampler='plms' is not supported; allowed: 'ddpm', 'ddim', 'dpmpp_2m', 'euler', 'euler_a'"),
         (["-n", "0"], "num_images_per_prompt=0 is out of range"),
+        (["-n", "10000"], "num_images_per_prompt=10000 is out of range; allowed: an integer in [1, 256]"),
+        (["--guidance", "inf"], "guidance_scale=inf is out of range"),
+        (["--guidance", "nan"], "guidance_scale=nan is out of range"),
     ],
 )
 def test_bad_generate_arguments_give_one_line(models: dict[str, Path], tmp_path: Path, capsys, args, message) -> None:
@@ -193,3 +196,22 @@ def test_ctrl_c_while_generating_is_one_line_and_status_130(tmp_path: Path, caps
     monkeypatch.setattr(cli, "_pipeline", interrupted)
     assert main(["generate", "a red circle", "-o", str(tmp_path / "out.png")]) == 130
     assert capsys.readouterr().err == "ldm: interrupted (Ctrl-C)\n"
+
+
+@pytest.mark.parametrize("case", ["folder", "missing", "jpeg"])
+def test_bad_output_paths_fail_before_a_model_is_loaded(tmp_path: Path, capsys, monkeypatch, case: str) -> None:
+    monkeypatch.setattr(cli, "_pipeline", lambda *args: pytest.fail("a model was loaded"))
+    output = {"folder": tmp_path, "missing": tmp_path / "no" / "x.png", "jpeg": tmp_path / "x.jpg"}[case]
+    assert main(["generate", "a red circle", "-o", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"-o/--output={str(output)!r}" in err
+
+
+def test_non_finite_latents_are_an_error_not_a_black_image(models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from pipelines import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(models["t2i"])
+    with torch.no_grad():
+        next(pipe.models.unet.parameters()).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"sampling gave non-finite latents \(seed 3, guidance_scale 7.5"):
+        pipe("a red circle", num_inference_steps=2, seed=3, progress=False)
