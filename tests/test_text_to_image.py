@@ -75,7 +75,8 @@ def test_without_a_seed_one_is_drawn_and_reported_leaving_the_global_rng_alone(o
 def test_seed_reproduces_across_processes(folder: Path, ours: TextToImagePipeline) -> None:
     script = (
         # Same thread count as here: CPU reductions split by thread differ in the last bits.
-        f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); from pipelines import TextToImagePipeline;"
+        f"import sys, torch; torch.set_num_threads({torch.get_num_threads()});"
+        "from pipelines import TextToImagePipeline;"
         f"p = TextToImagePipeline.from_pretrained({str(folder)!r});"
         "x = p('a red circle', num_inference_steps=4, seed=7, output_type='pt', progress=False).images;"
         "sys.stdout.write(repr(x.flatten()[:16].tolist()))"
