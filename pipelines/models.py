@@ -164,16 +164,17 @@ def config_source(source: str | Path) -> str:
 
 def _load_strict(module: nn.Module, weights: dict, source: str) -> None:
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(weights))
+    optional = set(getattr(module, "optional_keys", ()))  # unused by the model; files may leave them out
+    missing = sorted(set(expected) - set(weights) - optional)
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: weights do not fit the configured model: {len(missing)} missing (e.g. {missing[:2]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )
-    wrong = [k for k in expected if tuple(expected[k].shape) != tuple(weights[k].shape)]
+    wrong = [k for k in expected if k in weights and tuple(expected[k].shape) != tuple(weights[k].shape)]
     if wrong:
         k = wrong[0]
         raise CheckpointError(f"{source}: {k} has shape {tuple(weights[k].shape)}; "
                               f"the config expects {tuple(expected[k].shape)}")
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()}, strict=not optional)

@@ -105,6 +105,26 @@ def test_sd_v2_layout_exports_to_diffusers_and_single_file(tmp_path: Path) -> No
     assert_same_as_diffusers(reloaded, pipe, ["a purple circle on a gray background"])
 
 
+def test_an_sd_v2_file_without_the_unused_clip_keys_loads(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    ours = small_v2_models()
+    ours.save(tmp_path / "v2.safetensors", to="sd")
+    state = load_state_dict(tmp_path / "v2.safetensors")
+    unused = [k for k in state if k.endswith(("model.text_projection", "model.logit_scale"))]
+    assert len(unused) == 2  # as open_clip and SD v2 files store them
+    save_file({k: v for k, v in state.items() if k not in unused}, str(tmp_path / "lean.safetensors"))
+    overrides = {"unet": {"head_dim": 16, "num_heads": None, "norm_groups": 8}, "vae": {"norm_groups": 8},
+                 "text_encoder": {"heads": 4}}
+    lean = load_models(tmp_path / "lean.safetensors", prediction_type="v", overrides=overrides)
+    tokens = ours.tokenizer(["a red circle"])
+    torch.testing.assert_close(lean.text_encoder(tokens), ours.text_encoder(tokens), rtol=0, atol=0)
+    state.pop(next(k for k in state if k.endswith("ln_final.weight")))  # a key the model uses is still required
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 missing \(e\.g\. \['ln_final\.weight'\]\)"):
+        load_models(tmp_path / "broken.safetensors", prediction_type="v", overrides=overrides)
+
+
 def test_ema_weights_of_a_full_checkpoint_are_used(tmp_path: Path) -> None:
     ours = small_v2_models()
     ours.save(tmp_path / "plain.safetensors", to="sd")

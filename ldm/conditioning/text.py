@@ -113,6 +113,7 @@ class TextEncoder(nn.Module):
         self.ln_final = tower.ln_final
         self.text_projection = tower.text_projection  # unused for the context; kept for SD v2 files
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # as open_clip's CLIP
+        self.optional_keys = ("text_projection", "logit_scale")  # a file without them loads (they keep their init)
         self.register_buffer("attn_mask", tower.attn_mask, persistent=False)  # causal, -inf above diagonal
 
     def forward(self, token_ids: Tensor) -> Tensor:
