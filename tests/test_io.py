@@ -263,13 +263,46 @@ def test_writes_go_through_fresh_temp_names_and_reach_the_disk(tmp_path: Path, m
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     folder = tmp_path / "model"
-    folder.mkdir()
+    write_folder(Checkpoint({"sample_size": 4}, {"unet": {"w": torch.zeros(2)}}), folder)
     (folder / ".model.yaml.tmp").symlink_to(victim)  # planted at the temp name an earlier version used
     synced: list[str] = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     write_folder(Checkpoint({"sample_size": 8}, {"unet": {"w": torch.ones(2)}}), folder)
     assert victim.read_text() == "keep me" and (folder / "model.yaml").read_text().startswith("sample_size: 8")
-    assert str(folder) in synced  # the folder, after the renames into it
+    assert synced[-1] == str(tmp_path)  # the parent, after the folder's rename into place
     assert sum(".unet.safetensors." in name for name in synced) == 1  # the file, before its rename
     assert sum(".model.yaml." in name and name.endswith(".tmp") for name in synced) == 1
+
+
+def test_a_folder_export_replaces_the_folder_whole_and_spares_other_folders(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from ldm.io import files
+
+    ours = small_v2_models()
+    ours.save(tmp_path / "model", to="folder")
+    (tmp_path / "model" / "stale.safetensors").write_bytes(b"from an older write")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
+    real_save, calls = files.save_file, []
+
+    def dies_on_the_second_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed mid-export")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(files, "save_file", dies_on_the_second_file)
+    randomize(ours.unet, 9)
+    with pytest.raises(KeyboardInterrupt):
+        ours.save(tmp_path / "model", to="folder")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before  # untouched, not mixed
+    monkeypatch.undo()
+    ours.save(tmp_path / "model", to="folder")
+    assert not (tmp_path / "model" / "stale.safetensors").exists()  # the folder is the new write, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folders left
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"keep: exists and is not a model folder"):
+        ours.save(keep, to="diffusers")
+    assert (keep / "notes.txt").read_text() == "mine"

@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from ldm.config import ConfigError, load_yaml, save_yaml
-from ldm.io.files import CheckpointError, load_state_dict, save_state_dict
+from ldm.io.files import CheckpointError, atomic_folder, load_state_dict, save_state_dict
 from ldm.modules.unet import without_legacy_keys
 
 REQUIRED = ("vae",)  # an autoencoder alone is a valid folder (ldm train-autoencoder writes one)
@@ -73,14 +73,13 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_folder(checkpoint: Checkpoint, path: str | Path) -> None:
-    """Write our folder format; each file is written atomically."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for name, state in checkpoint.weights.items():
-        save_state_dict(state, path / f"{name}.safetensors")
-    if checkpoint.ema is not None:
-        save_state_dict(checkpoint.ema, path / "ema.safetensors")
-    save_yaml(checkpoint.config, path / CONFIG_FILE)  # last: a folder without it is not a model
+    """Write our folder format, the whole folder atomically (``atomic_folder``)."""
+    with atomic_folder(path) as tmp:
+        for name, state in checkpoint.weights.items():
+            save_state_dict(state, tmp / f"{name}.safetensors")
+        if checkpoint.ema is not None:
+            save_state_dict(checkpoint.ema, tmp / "ema.safetensors")
+        save_yaml(checkpoint.config, tmp / CONFIG_FILE)
 
 
 def half_precision(checkpoint: Checkpoint) -> Checkpoint:

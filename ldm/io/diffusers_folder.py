@@ -15,7 +15,7 @@ from ldm.conditioning.tokenizer import ClipTokenizer
 from ldm.config import config_from_dict, config_to_dict
 from ldm.diffusion.schedule import ScheduleConfig
 from ldm.io.checkpoint import Checkpoint
-from ldm.io.files import CheckpointError, load_state_dict, save_state_dict, write_text_atomic
+from ldm.io.files import CheckpointError, atomic_folder, load_state_dict, save_state_dict, write_text_atomic
 from ldm.io.scheduler_config import schedule_from_diffusers, schedule_to_diffusers
 from ldm.io.text_keys import HF, openclip_to_hf, text_config_from_hf, text_config_to_hf
 from ldm.io.unet_keys import (
@@ -100,10 +100,17 @@ def _convert(fn, cfg: dict[str, Any], source: Path):
 def write_diffusers(checkpoint: Checkpoint, path: str | Path) -> None:
     """Write a folder ``StableDiffusionPipeline.from_pretrained`` loads (EMA weights, if kept apart,
     become the U-Net's weights, as they are the ones to sample with)."""
-    folder, config = Path(path), checkpoint.config
+    config = checkpoint.config
     unet_config = config_from_dict(UNetConfig, config.get("unet", {}), str(path), "unet.")
     text_config = config_from_dict(TextEncoderConfig, config.get("text_encoder", {}), str(path), "text_encoder.")
     schedule = config_from_dict(ScheduleConfig, config.get("schedule", {}), str(path), "schedule.")
+    with atomic_folder(path) as tmp:
+        _write_components(checkpoint, tmp, unet_config, text_config, schedule)
+
+
+def _write_components(checkpoint: Checkpoint, folder: Path, unet_config: UNetConfig,
+                      text_config: TextEncoderConfig, schedule: ScheduleConfig) -> None:
+    config = checkpoint.config
     unet_weights = checkpoint.ema if checkpoint.ema is not None else checkpoint.weights["unet"]
     unet_json = unet_config_to_diffusers(unet_config, config.get("sample_size"))
     _write_json(folder / "unet" / "config.json", _diffusers_config("UNet2DConditionModel", unet_json))

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,6 +106,39 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+MODEL_MARKERS = ("model.yaml", "model_index.json", "config.json")  # ours, diffusers, transformers / CLIP
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path``; on success it replaces ``path`` whole (a folder there is
+    moved aside, then removed), so no reader sees files of two writes mixed and an interrupted write leaves the
+    previous folder. Refuses a ``path`` that exists and is neither empty nor a model folder (``MODEL_MARKERS``):
+    replacing it would delete what the user keeps there."""
+    path = Path(path)
+    if path.exists() and not _replaceable(path):
+        raise CheckpointError(f"{path}: exists and is not a model folder ({', '.join(MODEL_MARKERS)}); "
+                              "allowed: a new path, an empty folder or a model folder to replace")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for item in [*tmp.rglob("*"), tmp]:
+            fsync_path(item)
+        old = tmp.with_suffix(".old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replaceable(path: Path) -> bool:
+    return path.is_dir() and (not any(path.iterdir()) or any((path / name).is_file() for name in MODEL_MARKERS))
 
 
 def fsync_path(path: str | Path) -> None:
