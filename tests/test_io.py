@@ -306,3 +306,13 @@ def test_a_folder_export_replaces_the_folder_whole_and_spares_other_folders(tmp_
     with pytest.raises(CheckpointError, match=r"keep: exists and is not a model folder"):
         ours.save(keep, to="diffusers")
     assert (keep / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("text", "message"), [("[]", r"the top level is a JSON list; allowed: an object"),
+                                               ("[" * 100_000 + "]" * 100_000, r"nested too deeply"),
+                                               ("{unquoted: 1}", r"not valid JSON")])
+def test_a_bad_config_json_is_named(tmp_path: Path, text: str, message: str) -> None:
+    small_v2_models().save(tmp_path / "d", to="diffusers")
+    (tmp_path / "d" / "unet" / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=r"unet/config\.json: " + message):
+        load_models(tmp_path / "d")

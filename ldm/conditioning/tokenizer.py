@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from ldm.io.files import write_text_atomic
+from ldm.io.files import read_json_object, write_text_atomic
 from ldm.validation import check_choice, check_int
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class ClipTokenizer:
     def from_hf(cls, folder: str | Path) -> "ClipTokenizer":
         """Load from a transformers/diffusers tokenizer folder whose vocabulary is CLIP's."""
         folder = Path(folder)
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config = read_json_object(folder / "tokenizer_config.json")
         vocab = _read_vocab(folder)
         pad = config.get("pad_token", END)
         pad = pad["content"] if isinstance(pad, dict) else pad  # older files store AddedToken dicts
@@ -139,9 +139,9 @@ class ClipTokenizer:
 def _read_vocab(folder: Path) -> dict[str, int]:
     """vocab.json (slow-tokenizer files), or the vocab inside tokenizer.json (transformers >= 5 saves only that)."""
     if (folder / "vocab.json").is_file():
-        return json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        return read_json_object(folder / "vocab.json")
     if (folder / "tokenizer.json").is_file():
-        return json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+        return read_json_object(folder / "tokenizer.json").get("model", {}).get("vocab", {})
     raise ValueError(f"{folder}: no vocab.json or tokenizer.json; a CLIP tokenizer folder needs one of them")
 
 

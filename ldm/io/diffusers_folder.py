@@ -15,7 +15,14 @@ from ldm.conditioning.tokenizer import ClipTokenizer
 from ldm.config import config_from_dict, config_to_dict
 from ldm.diffusion.schedule import ScheduleConfig
 from ldm.io.checkpoint import Checkpoint
-from ldm.io.files import CheckpointError, atomic_folder, load_state_dict, save_state_dict, write_text_atomic
+from ldm.io.files import (
+    CheckpointError,
+    atomic_folder,
+    load_state_dict,
+    read_json_object,
+    save_state_dict,
+    write_text_atomic,
+)
 from ldm.io.scheduler_config import schedule_from_diffusers, schedule_to_diffusers
 from ldm.io.text_keys import HF, openclip_to_hf, text_config_from_hf, text_config_to_hf
 from ldm.io.unet_keys import (
@@ -42,12 +49,7 @@ _WEIGHT_NAMES = {
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    return read_json_object(path)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pickle
@@ -11,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -106,6 +108,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+MAX_JSON_BYTES = 64 << 20  # the largest JSON of a model folder, a tokenizer.json, is a few MB
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file whose top level is an object; ``CheckpointError`` naming the file when it is missing,
+    over ``MAX_JSON_BYTES``, not JSON, nested too deep to parse, or another type at the top."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes; allowed: at most {MAX_JSON_BYTES}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: nested too deeply to be a config") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: the top level is a JSON {type(data).__name__}; allowed: an object {{...}}")
+    return data
 
 
 MODEL_MARKERS = ("model.yaml", "model_index.json", "config.json")  # ours, diffusers, transformers / CLIP

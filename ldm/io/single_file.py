@@ -134,7 +134,7 @@ def _stored_checkpoint(stored: str, weights: dict[str, dict[str, Tensor]], path:
     """The checkpoint of a file this toolkit wrote: the weights with the config stored in its metadata."""
     try:
         config = json.loads(stored)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise CheckpointError(f"{path}: metadata {CONFIG_KEY} is not JSON ({err})") from None
     if not isinstance(config, dict) or not {"unet", "vae", "text_encoder", "schedule"} <= set(config):
         raise CheckpointError(f"{path}: metadata {CONFIG_KEY} lacks a unet, vae, text_encoder or schedule config")

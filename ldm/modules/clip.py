@@ -7,7 +7,6 @@ so ``CLIPModel.from_pretrained(folder)`` loads it; images go in as (B, 3, S, S) 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.conditioning.text import TextEncoder, TextEncoderConfig, hf_text_kwargs
-from ldm.io.files import CheckpointError, load_state_dict, save_state_dict, write_text_atomic
+from ldm.io.files import CheckpointError, load_state_dict, read_json_object, save_state_dict, write_text_atomic
 from ldm.validation import check_int
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -92,7 +91,7 @@ def load_clip(folder: str | Path) -> nn.Module:
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise CheckpointError(f"{folder}: not a CLIP folder; expected {CONFIG} and {WEIGHTS}")
     try:
-        hf = CLIPConfig(**json.loads((folder / CONFIG).read_text()))
+        hf = CLIPConfig(**read_json_object(folder / CONFIG))
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{folder / CONFIG}: not a CLIP config ({err})") from None
     model = CLIPModel(hf)

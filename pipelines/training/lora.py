@@ -20,7 +20,7 @@ from torch import nn
 
 from ldm.config import ConfigError, config_from_dict, config_to_dict
 from ldm.io import CheckpointError, export_checkpoint, load_state_dict, read_checkpoint, save_state_dict
-from ldm.io.files import write_text_atomic
+from ldm.io.files import read_json_object, write_text_atomic
 from ldm.training.config import TrainConfig
 from ldm.training.ema import EMA
 from ldm.training.loop import unwrap
@@ -102,7 +102,7 @@ def read_lora_settings(folder: str | Path) -> tuple[LoraSettings, str | None]:
     path = Path(folder) / SETTINGS
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {SETTINGS}; not a LoRA adapter folder (ldm finetune writes one)")
-    meta = json.loads(path.read_text())
+    meta = read_json_object(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format={meta.get('format')!r}; expected {FORMAT!r}")
     return config_from_dict(LoraSettings, meta.get("lora", {}), str(path), "lora."), meta.get("base_model")
