@@ -35,14 +35,15 @@ class AutoencoderConfig:
     scale_factor: float = 0.18215  # latents are multiplied by this before diffusion
 
     def __post_init__(self) -> None:
-        ints = ("in_channels", "out_channels", "base_channels", "num_res_blocks", "latent_channels", "norm_groups")
-        for name in ints:
-            check_int(name, getattr(self, name), 1)
+        limits = {"in_channels": 64, "out_channels": 64, "base_channels": 4096, "num_res_blocks": 16,
+                  "latent_channels": 64, "norm_groups": 1024}  # upper bounds: a typo must not exhaust memory
+        for name, high in limits.items():
+            check_int(name, getattr(self, name), 1, high)
         mult = self.channel_mult
-        if isinstance(mult, (str, bytes)) or not isinstance(mult, (list, tuple)) or not mult:
-            raise ValueError(f"channel_mult={mult!r} must be a non-empty sequence of positive integers")
+        if isinstance(mult, (str, bytes)) or not isinstance(mult, (list, tuple)) or not 1 <= len(mult) <= 8:
+            raise ValueError(f"channel_mult={mult!r} must be a sequence of 1 to 8 positive integers")
         for i, m in enumerate(mult):
-            check_int(f"channel_mult[{i}]", m, 1)
+            check_int(f"channel_mult[{i}]", m, 1, 64)
         self.channel_mult = tuple(mult)
         self.scale_factor = check_float("scale_factor", self.scale_factor, 0.0, low_open=True)
         bad = [w for w in (self.base_channels, *self.widths) if w % self.norm_groups]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ldm.config import ConfigError, config_from_dict
+from ldm.modules.size import build_within_limit
 from ldm.training.config import DataConfig, ModelSpec, TrainConfig, load_train_config
 from ldm.training.lock import RunLock
 from ldm.training.resume import check_resume_config
@@ -143,7 +144,8 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Models:
     if text is not None:
         tokenizer = ClipTokenizer(max_length=text.config.max_length, pad_token_id=pad_token_id_for(text.config.kind))
     sample_size = spec.sample_size or data.image_size // vae.downsample_factor
-    return Models(UNet(UNetConfig(**spec.unet)), vae, ScheduleConfig(**spec.schedule), sample_size,
+    unet = build_within_limit(lambda: UNet(UNetConfig(**spec.unet)), "model.unet")
+    return Models(unet, vae, ScheduleConfig(**spec.schedule), sample_size,
                   text_encoder=text, tokenizer=tokenizer, concat=spec.concat)
 
 

@@ -17,6 +17,7 @@ from ldm.diffusion.schedule import ScheduleConfig
 from ldm.io import Checkpoint, CheckpointError, export_checkpoint, read_checkpoint
 from ldm.io.checkpoint import CONFIG_FILE
 from ldm.modules.classifier import ClassifierConfig, NoiseAwareClassifier
+from ldm.modules.size import build_within_limit
 from ldm.modules.unet import UNet, UNetConfig
 from ldm.validation import check_choice, check_int
 
@@ -146,7 +147,7 @@ def _plain(config: ConcatConfig | None) -> dict[str, Any] | None:
 def _build(name: str, config: ModelConfig, source: str) -> nn.Module:
     if getattr(config, name) is None:
         raise ConfigError(f"{source}: missing key {name!r} (weights for it are present)")
-    return _BUILDERS[name](getattr(config, name))
+    return build_within_limit(lambda: _BUILDERS[name](getattr(config, name)), f"{source} ({name})")
 
 
 def load_models(source: str | Path, **options: Any) -> Models:

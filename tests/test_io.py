@@ -316,3 +316,18 @@ def test_a_bad_config_json_is_named(tmp_path: Path, text: str, message: str) -> 
     (tmp_path / "d" / "unet" / "config.json").write_text(text)
     with pytest.raises(CheckpointError, match=r"unet/config\.json: " + message):
         load_models(tmp_path / "d")
+
+
+def test_a_model_yaml_asking_for_an_absurd_network_fails_before_allocating(tmp_path: Path) -> None:
+    import resource
+
+    import yaml
+
+    small_v2_models().save(tmp_path / "m", to="folder")
+    config = yaml.safe_load((tmp_path / "m" / "model.yaml").read_text())
+    config["unet"].update(model_channels=4096, channel_mult=[64, 64], head_dim=64)  # each within its bound
+    (tmp_path / "m" / "model.yaml").write_text(yaml.safe_dump(config))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match=r"m/model\.yaml \(unet\): the config makes a network of [0-9.e+]+ param"):
+        load_models(tmp_path / "m")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2**20  # KB: under 1 GB more at peak

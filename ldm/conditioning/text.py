@@ -42,12 +42,12 @@ class TextEncoderConfig:
 
     def __post_init__(self) -> None:
         check_choice("kind", self.kind, KINDS)
-        check_int("vocab_size", self.vocab_size, low=1)
-        check_int("width", self.width, low=1)
-        check_int("layers", self.layers, low=2 if self.layer == "penultimate" else 1)
-        check_int("heads", self.heads, low=1)
-        check_int("max_length", self.max_length, low=2)
-        check_float("mlp_ratio", self.mlp_ratio, low=0, low_open=True)
+        check_int("vocab_size", self.vocab_size, 1, 1_000_000)  # upper bounds: a typo must not exhaust memory
+        check_int("width", self.width, 1, 8192)
+        check_int("layers", self.layers, 2 if self.layer == "penultimate" else 1, 256)
+        check_int("heads", self.heads, 1, 256)
+        check_int("max_length", self.max_length, 2, 4096)
+        check_float("mlp_ratio", self.mlp_ratio, 0, 16, low_open=True)
         check_choice("act", self.act, ACTS)
         check_choice("layer", self.layer, LAYERS)
         if self.width % self.heads:

@@ -31,6 +31,10 @@ def without_legacy_keys(data: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in data.items() if key not in LEGACY_KEYS}
 
 
+LIMITS = {"in_channels": 64, "out_channels": 64, "model_channels": 4096, "num_res_blocks": 16, "context_dim": 8192,
+          "transformer_depth": 64, "norm_groups": 1024}  # upper bounds of the U-Net's integer settings
+
+
 @dataclass
 class UNetConfig:
     """U-Net hyper-parameters; the defaults are SD v1.5 (``v1-inference.yaml``).
@@ -55,15 +59,17 @@ class UNetConfig:
     norm_groups: int = 32
 
     def __post_init__(self) -> None:
-        self.channel_mult = _int_tuple("channel_mult", self.channel_mult, low=1)  # YAML and JSON give lists
-        self.attention_levels = _int_tuple("attention_levels", self.attention_levels, low=0)
-        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "context_dim",
-                     "transformer_depth", "norm_groups"):
-            check_int(name, getattr(self, name), 1)
+        self.channel_mult = _int_tuple("channel_mult", self.channel_mult, low=1, high=64)  # YAML, JSON: lists
+        if len(self.channel_mult) > 8:
+            raise ValueError(f"channel_mult={list(self.channel_mult)} has {len(self.channel_mult)} levels; "
+                             "allowed: at most 8")
+        self.attention_levels = _int_tuple("attention_levels", self.attention_levels, low=0, high=7)
+        for name, high in LIMITS.items():  # generous bounds: a typo must not allocate the machine away
+            check_int(name, getattr(self, name), 1, high)
         if not isinstance(self.use_linear_projection, bool):
             raise ValueError(f"use_linear_projection={self.use_linear_projection!r} must be a bool")
         if self.num_classes is not None:
-            check_int("num_classes", self.num_classes, 1)
+            check_int("num_classes", self.num_classes, 1, 1_000_000)
         self._check_levels()
 
     def _check_levels(self) -> None:
@@ -98,10 +104,10 @@ class UNetConfig:
         return (self.num_heads, channels // self.num_heads) if self.num_heads else (channels // size, size)
 
 
-def _int_tuple(name: str, value: object, low: int) -> tuple[int, ...]:
+def _int_tuple(name: str, value: object, low: int, high: int) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"{name}={value!r} must be a list or tuple of integers >= {low}")
-    return tuple(check_int(name, v, low) for v in value)
+    return tuple(check_int(name, v, low, high) for v in value)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
