@@ -114,6 +114,17 @@ def _sampling_options(p: argparse.ArgumentParser, model: str, guidance: float) -
     _device_option(p)
 
 
+def _interval(text: str) -> tuple[float, float | None]:
+    low, sep, high = text.partition(",")
+    try:
+        bounds = float(low), (None if high.strip() in ("", "inf") else float(high))
+    except ValueError:
+        bounds = None
+    if not sep or bounds is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH (numbers; HIGH may be inf)")
+    return bounds
+
+
 def _sampler_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="dpmpp_2m",
                    help="ddpm | ddim | dpmpp_2m | euler | euler_a (default: %(default)s)")
@@ -127,6 +138,9 @@ def _device_option(p: argparse.ArgumentParser) -> None:
 def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help='the prompt; "" for unconditional')
     _sampling_options(p, "demo", 7.5)
+    p.add_argument("--guidance-interval", type=_interval, default=None, metavar="LOW,HIGH",
+                   help="guide only at noise levels sigma in [LOW, HIGH] (HIGH may be inf), e.g. 5,inf; "
+                   "default: the model's own (every level, unless its model.yaml says otherwise)")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images; more than one are saved as a grid")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
@@ -232,7 +246,8 @@ def _check_before_sampling(args: argparse.Namespace) -> None:
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise ValueError(f"-o/--output={args.output!r}: the folder {str(folder)!r} does not exist or is not writable")
     SamplingOptions(num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
-                    num_images_per_prompt=getattr(args, "num_images", 1))
+                    num_images_per_prompt=getattr(args, "num_images", 1),
+                    guidance_interval=getattr(args, "guidance_interval", None))
 
 
 def _pipeline(cls: type, args: argparse.Namespace):
@@ -246,7 +261,8 @@ def _generate(args: argparse.Namespace) -> None:
                   num_images_per_prompt=args.num_images)
     if args.class_label is None:
         pipe = _pipeline(TextToImagePipeline, args)
-        images = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width, **common).images
+        images = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
+                      guidance_interval=args.guidance_interval, **common).images
     else:
         pipe = _pipeline(ClassifierGuidedPipeline, args)
         if args.classifier:

@@ -120,6 +120,8 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Models:
             models.schedule = updated(ScheduleConfig, models.schedule, spec.schedule, "model.schedule.")
         if spec.concat is not None:  # the condition that the added inputs take (as SD inpainting adds 5)
             models.concat = spec.concat
+        if spec.sampling:
+            models.sampling = sampling_defaults(spec)
         if spec.text_encoder_from:  # another text encoder under the trained U-Net (its contexts must fit it)
             models.text_encoder = load_text_encoder(spec.text_encoder_from)
             kind = models.text_encoder.config.kind
@@ -146,7 +148,13 @@ def build_models(spec: ModelSpec, data: DataConfig) -> Models:
     sample_size = spec.sample_size or data.image_size // vae.downsample_factor
     unet = build_within_limit(lambda: UNet(UNetConfig(**spec.unet)), "model.unet")
     return Models(unet, vae, ScheduleConfig(**spec.schedule), sample_size,
-                  text_encoder=text, tokenizer=tokenizer, concat=spec.concat)
+                  text_encoder=text, tokenizer=tokenizer, concat=spec.concat, sampling=sampling_defaults(spec))
+
+
+def sampling_defaults(spec: ModelSpec) -> Any:
+    from pipelines.models import SamplingDefaults
+
+    return config_from_dict(SamplingDefaults, spec.sampling, "model.sampling", "model.sampling.")
 
 
 def run(args: argparse.Namespace) -> None:

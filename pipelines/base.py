@@ -20,6 +20,7 @@ from ldm.conditioning.spatial import as_condition_batch
 from ldm.devices import resolve_device
 from ldm.diffusion import ClassifierFreeGuidance, ClassifierGuidance, Denoiser, NoiseSchedule
 from ldm.diffusion.denoiser import DenoiserLike
+from ldm.diffusion.guidance import check_interval
 from ldm.diffusion.samplers import sample
 from ldm.validation import check_choice, check_float, check_int
 from pipelines.models import Models, load_models
@@ -159,14 +160,15 @@ class Pipeline:
                  options: SamplingOptions) -> DenoiserLike:
         """Classifier-free guidance over ``cond``/``uncond``, under classifier guidance when the
         conditioning has class labels (one per prompt)."""
-        denoiser = self.guided(cond, uncond, options.guidance_scale, options.guidance_rescale)
+        interval = options.guidance_interval or self.models.sampling.guidance_interval
+        denoiser = self.guided(cond, uncond, options.guidance_scale, options.guidance_rescale, interval)
         if conditioning.class_labels is None:
             return denoiser
         labels = conditioning.class_labels.repeat_interleave(options.num_images_per_prompt).to(self.device)
         return self.classifier_guided(denoiser, labels, conditioning.classifier_scale)
 
     def guided(self, cond: dict[str, Tensor], uncond: dict[str, Tensor], scale: float,
-               rescale: float = 0.0) -> DenoiserLike:
+               rescale: float = 0.0, interval: tuple[float, float | None] | None = None) -> DenoiserLike:
         """Classifier-free guidance of the U-Net (one batched forward) between ``cond`` and ``uncond``
         (``context`` and optional ``concat``, channel-concatenated with x); the plain conditional U-Net
         when ``scale`` is 1 (the guided result equals it). The U-Net runs in the pipeline's dtype; the
@@ -182,7 +184,8 @@ class Pipeline:
         prediction_type = self.models.schedule.prediction_type
         if scale == 1.0 and rescale == 0.0:
             return Denoiser(lambda x, t: net(x, t, cond), self.schedule, prediction_type)
-        return ClassifierFreeGuidance(Denoiser(net, self.schedule, prediction_type), cond, uncond, scale, rescale)
+        return ClassifierFreeGuidance(Denoiser(net, self.schedule, prediction_type), cond, uncond, scale, rescale,
+                                      interval=check_interval(interval))
 
     def classifier_guided(self, denoiser: DenoiserLike, labels: Tensor, scale: float) -> DenoiserLike:
         """``denoiser`` steered toward ``labels`` (one per image) by the model's noise-aware classifier."""

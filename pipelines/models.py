@@ -13,6 +13,7 @@ from autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.conditioning.text import TextEncoder, TextEncoderConfig
 from ldm.conditioning.tokenizer import ClipTokenizer
 from ldm.config import ConfigError, config_from_dict, config_to_dict
+from ldm.diffusion.guidance import check_interval
 from ldm.diffusion.schedule import ScheduleConfig
 from ldm.io import Checkpoint, CheckpointError, export_checkpoint, read_checkpoint
 from ldm.io.checkpoint import CONFIG_FILE
@@ -43,6 +44,19 @@ class ConcatConfig:
 
 
 @dataclasses.dataclass
+class SamplingDefaults:
+    """How this model samples when a call does not say: ``guidance_interval`` (σ_lo, σ_hi; σ_hi None: inf)
+    limits classifier-free guidance to those noise levels (``None``: every level, as diffusers does)."""
+
+    guidance_interval: tuple[float | None, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.guidance_interval is not None:
+            check_interval(self.guidance_interval)
+            self.guidance_interval = tuple(self.guidance_interval)
+
+
+@dataclasses.dataclass
 class TokenizerConfig:
     max_length: int = 77
     pad_token_id: int = 49407
@@ -63,6 +77,7 @@ class ModelConfig:
     classifier: ClassifierConfig | None = None
     class_names: tuple[str, ...] | None = None  # the classifier's labels, by index
     sample_size: int = 64  # the default latent side
+    sampling: SamplingDefaults | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "model.yaml") -> ModelConfig:
@@ -88,6 +103,7 @@ class Models:
     concat: dict[str, Any] | None = None
     classifier: NoiseAwareClassifier | None = None
     class_names: list[str] | None = None  # the classifier's labels, by index
+    sampling: SamplingDefaults = dataclasses.field(default_factory=SamplingDefaults)
 
     def __post_init__(self) -> None:
         if self.concat is not None:
@@ -115,6 +131,7 @@ class Models:
             tokenizer=tokenizer, concat=_plain(config.concat),
             classifier=modules["classifier"].eval() if "classifier" in modules else None,
             class_names=list(config.class_names) if config.class_names else None,
+            sampling=config.sampling or SamplingDefaults(),
         )
 
     def config(self) -> ModelConfig:
@@ -124,7 +141,8 @@ class Models:
         classifier = self.classifier.config if self.classifier is not None else None
         return ModelConfig(self.vae.config, self.schedule, self.unet.config,
                            self.text_encoder.config if self.text_encoder is not None else None, tokenizer, concat,
-                           classifier, tuple(self.class_names) if self.class_names else None, self.sample_size)
+                           classifier, tuple(self.class_names) if self.class_names else None, self.sample_size,
+                           self.sampling if self.sampling != SamplingDefaults() else None)
 
     def to_checkpoint(self) -> Checkpoint:
         modules = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "classifier": self.classifier}

@@ -8,6 +8,7 @@ import dataclasses
 from torch import Tensor
 
 from ldm.diffusion import SAMPLERS
+from ldm.diffusion.guidance import check_interval
 from ldm.diffusion.samplers import Callback
 from ldm.validation import check_choice, check_float, check_int
 
@@ -45,6 +46,7 @@ class SamplingOptions:
     output_type: str = "pil"
     eta: float = 0.0
     guidance_rescale: float = 0.0
+    guidance_interval: tuple[float, float | None] | None = None  # None: the model's default (see SamplingDefaults)
     tile: int | None = None
     progress: bool = True
     callback: Callback | None = None
@@ -54,6 +56,7 @@ class SamplingOptions:
         check_choice("sampler", self.sampler, SAMPLERS)
         check_float("guidance_scale", self.guidance_scale, 0.0)
         check_float("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
+        check_interval(self.guidance_interval)
         if self.sampler == "ddim":  # the other samplers take no eta
             self.eta = check_float("eta", self.eta, 0.0)
         check_choice("output_type", self.output_type, OUTPUT_TYPES)

@@ -29,6 +29,7 @@ class TextToImagePipeline(Pipeline):
         output_type: str = "pil",
         eta: float = 0.0,
         guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float | None] | None = None,
         tile: int | None = None,
         progress: bool = True,
         callback: Callback | None = None,
@@ -39,11 +40,13 @@ class TextToImagePipeline(Pipeline):
         unconditional branch of classifier-free guidance. ``seed`` draws the initial noise on a
         CPU generator (row i·n + j is prompt i, copy j); ``latents`` (unit variance) replace it.
         ``tile`` (in latent pixels) decodes in overlapping tiles, for sizes beyond memory.
+        ``guidance_interval`` (σ_lo, σ_hi) guides only at those noise levels; None takes the model's
+        default (``model.yaml`` ``sampling``), which is every level unless the model says otherwise.
         """
         options = SamplingOptions(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler, height=height,
             width=width, num_images_per_prompt=num_images_per_prompt, seed=seed, latents=latents,
-            output_type=output_type, eta=eta, guidance_rescale=guidance_rescale, tile=tile, progress=progress,
-            callback=callback,
+            output_type=output_type, eta=eta, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
+            tile=tile, progress=progress, callback=callback,
         )
         return self.generate(Conditioning.from_prompts(prompt, negative_prompt), options)

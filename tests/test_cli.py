@@ -215,3 +215,23 @@ def test_non_finite_latents_are_an_error_not_a_black_image(models: dict[str, Pat
         next(pipe.models.unet.parameters()).fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"sampling gave non-finite latents \(seed 3, guidance_scale 7.5"):
         pipe("a red circle", num_inference_steps=2, seed=3, progress=False)
+
+
+def test_guidance_interval_option(models: dict[str, Path], tmp_path: Path, capsys, monkeypatch) -> None:
+    from pipelines import TextToImagePipeline
+
+    seen = {}
+    real_call = TextToImagePipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(TextToImagePipeline, "__call__", spy)
+    out = tmp_path / "x.png"
+    assert main(["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "2", "-o", str(out),
+                 "--guidance-interval", "5,inf"]) == 0
+    assert seen["guidance_interval"] == (5.0, None)
+    with pytest.raises(SystemExit):
+        main(["generate", "a red circle", "--guidance-interval", "5"])
+    assert "argument --guidance-interval: '5' is not LOW,HIGH" in capsys.readouterr().err

@@ -139,3 +139,33 @@ def test_guidance_over_a_bare_network_is_bound_by_sample() -> None:
         assert torch.equal(*runs)
     with pytest.raises(TypeError, match="wraps a bare network"):
         ClassifierFreeGuidance(net, cond, uncond, 3.0)(x, SIGMA)
+
+
+def test_a_guidance_interval_guides_inside_and_runs_the_conditional_model_alone_outside() -> None:
+    x, cond, uncond = setup()
+    net = CountingNet()
+    denoiser = Denoiser(net, SCHEDULE, "v")
+    x_t, _ = denoiser.network_input(x, SIGMA)
+    conditional = x_t * cond.reshape(-1, 1, 1, 1) + 0.5
+    guided = 0.5 + 7.5 * (conditional - 0.5)  # the unconditional output is 0.5 (cond 0, t 500)
+    inside = ClassifierFreeGuidance(denoiser, cond, uncond, 7.5, interval=(SIGMA / 2, None)).denoise(x, SIGMA)
+    torch.testing.assert_close(inside, denoiser.from_output(x, SIGMA, guided))
+    assert net.batches == [6]
+    outside = ClassifierFreeGuidance(denoiser, cond, uncond, 7.5, interval=(2 * SIGMA, None)).denoise(x, SIGMA)
+    torch.testing.assert_close(outside, denoiser.from_output(x, SIGMA, conditional))
+    assert net.batches == [6, 3]  # one forward, of the conditional branch only
+    sigmas = torch.tensor([SIGMA / 4, SIGMA, 4 * SIGMA], dtype=torch.float64)  # per-sample σ: one guided
+    mixed = ClassifierFreeGuidance(denoiser, cond, uncond, 7.5, interval=(SIGMA / 2, 2 * SIGMA)).denoise(x, sigmas)
+    x_t, t = denoiser.network_input(x, sigmas)
+    conditional = x_t * cond.reshape(-1, 1, 1, 1) + t.reshape(-1, 1, 1, 1) / 1000
+    unconditional = torch.zeros_like(x) + t.reshape(-1, 1, 1, 1) / 1000
+    expected = conditional.clone()
+    expected[1] = unconditional[1] + 7.5 * (conditional[1] - unconditional[1])
+    torch.testing.assert_close(mixed, denoiser.from_output(x, sigmas, expected))
+
+
+@pytest.mark.parametrize("interval", [(2.0, 1.0), (-1.0, None), (1.0,), "low"])
+def test_bad_guidance_intervals_are_named(interval: object) -> None:
+    x, cond, uncond = setup()
+    with pytest.raises(ValueError, match=r"guidance_interval=.* is not allowed"):
+        ClassifierFreeGuidance(Denoiser(CountingNet(), SCHEDULE, "v"), cond, uncond, 7.5, interval=interval)

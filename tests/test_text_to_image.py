@@ -148,3 +148,20 @@ def test_bfloat16_and_float16_are_close_to_float32(folder: Path, ours: TextToIma
         if "Half" not in str(err):
             raise
         pytest.skip(f"float16 does not run on this CPU: {err}")
+
+
+def test_a_models_guidance_interval_is_its_default_and_a_call_overrides_it(ours: TextToImagePipeline,
+                                                                           tmp_path: Path) -> None:
+    from pipelines.models import SamplingDefaults
+
+    kwargs = dict(num_inference_steps=4, seed=3, output_type="np", progress=False)
+    full, plain = ours("a red circle", **kwargs).images, ours("a red circle", guidance_scale=1.0, **kwargs).images
+    ours.models.sampling = SamplingDefaults(guidance_interval=(1e9, None))  # above every σ of this schedule
+    ours.models.save(tmp_path / "m")
+    assert "guidance_interval:\n  - 1000000000.0\n  - null" in (tmp_path / "m" / "model.yaml").read_text()
+    reloaded = TextToImagePipeline.from_pretrained(tmp_path / "m")
+    assert reloaded.models.sampling.guidance_interval == (1e9, None)
+    np.testing.assert_array_equal(reloaded("a red circle", **kwargs).images, plain)  # never guided: conditional
+    overridden = reloaded("a red circle", guidance_interval=(0.0, None), **kwargs).images
+    np.testing.assert_allclose(overridden, full, atol=1e-6)
+    assert np.abs(full - plain).max() > 0.01  # guidance does change the image here

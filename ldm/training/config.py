@@ -53,6 +53,7 @@ class ModelSpec:
     schedule: dict[str, Any] = field(default_factory=dict)
     concat: dict[str, Any] | None = None  # {"kind": "image"} (low-res copy) or {"kind": "semantic", "num_classes": 4}
     sample_size: int | None = None  # latent side; default image_size / VAE factor
+    sampling: dict[str, Any] = field(default_factory=dict)  # the model's sampling defaults (guidance_interval)
     train_text_encoder: bool = False
     train_vae: bool = False  # let the diffusion loss train the autoencoder's encoder too (frozen by default)
 
