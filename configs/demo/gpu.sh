@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 # From the shipped weights, bf16, 8x the CPU batch at 2x the rate, no adherence curve inside the time limit
 # (the checkpoints are evaluated afterwards on the CPU); timeout leaves a minute for the copy back.
 timeout 480 python3 -m ldm_toolkit.train configs/demo/text-to-image.yaml --output-dir "$OUT/run" \
-  --set model.init_from=pipelines/weights/demo --set model.text_encoder_from=null \
+  --set model.init_from=pipelines/weights/demo --set model.text_encoder_from=null --set model.autoencoder_from=null \
   --set optim.mixed_precision=bf16 --set optim.batch_size=512 \
   --set optim.lr=1.2e-3 --set optim.warmup_steps=50 --set optim.max_steps=100000 --set checkpoint_every=500 \
   --set keep_checkpoints=1 --set eval_every=0 --set data.length=200000 --set data.seed=6 --set tracker=null \
