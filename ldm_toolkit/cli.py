@@ -111,6 +111,9 @@ def _sampling_options(p: argparse.ArgumentParser, model: str, guidance: float) -
                    help="classifier-free guidance scale (default: %(default)s)")
     _sampler_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: %(default)s)")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="allow up to N output pixels (images x height x width) in one call; default: the "
+                   "pipeline's bound (4 MP; upscale 0.26 MP), so that a large input does not exhaust memory")
     _device_option(p)
 
 
@@ -251,7 +254,12 @@ def _check_before_sampling(args: argparse.Namespace) -> None:
 
 
 def _pipeline(cls: type, args: argparse.Namespace):
-    return cls.from_pretrained(args.model, device=args.device)
+    from ldm.validation import check_int
+
+    pipe = cls.from_pretrained(args.model, device=args.device)
+    if args.max_pixels is not None:
+        pipe.max_pixels = check_int("--max-pixels", args.max_pixels, 1)
+    return pipe
 
 
 def _generate(args: argparse.Namespace) -> None:

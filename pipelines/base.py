@@ -58,7 +58,12 @@ def resolve_source(source: str | Path) -> Path:
 
 class Pipeline:
     """Holds the models; a subclass's ``__call__`` builds its :class:`Conditioning` and
-    :class:`SamplingOptions` and calls :meth:`generate`."""
+    :class:`SamplingOptions` and calls :meth:`generate`.
+
+    ``max_pixels`` bounds the output pixels of one call (images × height × width), checked before sampling;
+    raise it (``pipe.max_pixels = N``, ``ldm … --max-pixels N``) when the machine has the memory."""
+
+    max_pixels: int = 4 * 1024 * 1024  # e.g. four 1024×1024 images
 
     def __init__(self, models: Models, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -111,7 +116,14 @@ class Pipeline:
             if isinstance(value, bool) or not isinstance(value, int) or value < f or value % f:
                 raise ValueError(f"{name}={value!r} is not allowed; allowed: a positive multiple of {f} "
                                  f"(the autoencoder's downsampling factor)")
+        pixels = batch * height * width
+        if pixels > self.max_pixels:
+            raise ValueError(f"{batch} image(s) of {width}x{height} are {pixels} output pixels; allowed: at most "
+                             f"max_pixels={self.max_pixels} (set pipe.max_pixels / --max-pixels higher if the "
+                             f"machine has the memory{self.memory_hint})")
         return (batch, channels or self.models.vae.config.latent_channels, height // f, width // f)
+
+    memory_hint = ""  # what a pipeline knows of its memory per pixel, for the max_pixels error
 
     def initial_noise(self, shape: tuple[int, ...], seed: int | None,
                       latents: Tensor | None) -> tuple[Tensor, torch.Generator]:

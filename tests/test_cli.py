@@ -235,3 +235,23 @@ def test_guidance_interval_option(models: dict[str, Path], tmp_path: Path, capsy
     with pytest.raises(SystemExit):
         main(["generate", "a red circle", "--guidance-interval", "5"])
     assert "argument --guidance-interval: '5' is not LOW,HIGH" in capsys.readouterr().err
+
+
+def test_an_upscale_over_max_pixels_stops_before_sampling(models: dict[str, Path], tmp_path: Path, capsys,
+                                                          monkeypatch) -> None:
+    from pipelines import base
+
+    Image.new("RGB", (300, 300), (30, 70, 220)).save(tmp_path / "big.png")  # x2 → 600×600 > 512×512
+    monkeypatch.setattr(base.Pipeline, "sample", lambda *args: pytest.fail("sampling started"))
+    code, _, err = run(["upscale", str(tmp_path / "big.png"), "--model", str(models["sr"]), "-o",
+                        str(tmp_path / "high.png")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "1 image(s) of 600x600 are 360000 output pixels; allowed: at most max_pixels=262144" in err
+    Image.new("RGB", (40, 40), (30, 70, 220)).save(tmp_path / "small.png")  # x2 → 80×80 = 6400 pixels
+    small = ["upscale", str(tmp_path / "small.png"), "--model", str(models["sr"]), "-o", str(tmp_path / "high.png")]
+    code, _, err = run(small + ["--max-pixels", "6399"], capsys)
+    assert code == 2 and "are 6400 output pixels; allowed: at most max_pixels=6399" in err
+    monkeypatch.undo()
+    code, _, err = run(small + ["--max-pixels", "6400", "--steps", "2"], capsys)
+    assert code == 0, err
+    assert Image.open(tmp_path / "high.png").size == (80, 80)
