@@ -20,7 +20,6 @@ from ldm.conditioning.spatial import as_condition_batch
 from ldm.devices import resolve_device
 from ldm.diffusion import ClassifierFreeGuidance, ClassifierGuidance, Denoiser, NoiseSchedule
 from ldm.diffusion.denoiser import DenoiserLike
-from ldm.diffusion.guidance import check_interval
 from ldm.diffusion.samplers import sample
 from ldm.validation import check_choice, check_float, check_int
 from pipelines.models import Models, load_models
@@ -197,7 +196,7 @@ class Pipeline:
         if scale == 1.0 and rescale == 0.0:
             return Denoiser(lambda x, t: net(x, t, cond), self.schedule, prediction_type)
         return ClassifierFreeGuidance(Denoiser(net, self.schedule, prediction_type), cond, uncond, scale, rescale,
-                                      interval=check_interval(interval))
+                                      interval=interval)
 
     def classifier_guided(self, denoiser: DenoiserLike, labels: Tensor, scale: float) -> DenoiserLike:
         """``denoiser`` steered toward ``labels`` (one per image) by the model's noise-aware classifier."""

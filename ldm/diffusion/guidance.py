@@ -117,24 +117,27 @@ class ClassifierFreeGuidance(Guidance):
         return inner.from_output(x, sigma, out)
 
     def _guided(self, sigma: Sigma, batch: int, device: torch.device) -> Tensor:
-        """(B,) bool: which samples' σ lies in the guidance interval."""
-        sigmas = torch.as_tensor(sigma, dtype=torch.float64, device=device).flatten().expand(batch)
+        """(B,) bool: which samples' σ lies in the guidance interval (all of them without one)."""
         if self.interval is None:
             return torch.ones(batch, dtype=torch.bool, device=device)
+        sigmas = torch.as_tensor(sigma, dtype=torch.float64, device=device).flatten().expand(batch)
         return (sigmas >= self.interval[0]) & (sigmas <= self.interval[1])
 
 
-def check_interval(interval: tuple[float, float] | None, name: str = "guidance_interval") -> tuple[float, float] | None:
+def check_interval(interval: tuple[float, float | None] | None,
+                   name: str = "guidance_interval") -> tuple[float, float] | None:
     """``None`` (guidance at every σ) or (σ_lo, σ_hi) with 0 ≤ σ_lo ≤ σ_hi ≤ inf (``None`` as σ_hi: inf)."""
     if interval is None:
         return None
-    if not isinstance(interval, (list, tuple)) or len(interval) != 2:
-        raise ValueError(f"{name}={interval!r} is not allowed; allowed: None or (sigma_low, sigma_high)")
-    low = float(interval[0]) if isinstance(interval[0], (int, float)) else interval[0]
-    high = float("inf") if interval[1] is None else interval[1]
-    if not isinstance(low, float) or not isinstance(high, (int, float)) or not 0 <= low <= high or low != low:
-        raise ValueError(f"{name}={interval!r} is not allowed; allowed: 0 <= sigma_low <= sigma_high (None: inf)")
-    return low, float(high)
+    try:
+        low, high = interval
+        low, high = float(low), float("inf") if high is None else float(high)
+    except (TypeError, ValueError):
+        low = high = float("nan")
+    if isinstance(interval, str) or not 0 <= low <= high:  # NaN fails the comparison too
+        raise ValueError(f"{name}={interval!r} is not allowed; allowed: (sigma_low, sigma_high) with "
+                         "0 <= sigma_low <= sigma_high (None: inf), or None")
+    return low, high
 
 
 def class_log_prob_grad(classifier: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
