@@ -215,11 +215,11 @@ def _loop(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerato
             step += 1
             if ema is not None:
                 ema.update(unwrap(task.ema_target()))
-            _after_step(config, task, accelerator, optimizers, ema, step, losses, on_checkpoint)
+            means = _after_step(config, task, accelerator, optimizers, ema, step, losses, on_checkpoint, stop)
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[0].item():.4f}")
-            if _stop_agreed(stop, accelerator):
-                _stop(config, task, accelerator, optimizers, ema, step, losses[0].item(), on_checkpoint, stop)
+            bar.set_postfix(loss=f"{means[0]:.4f}")
+            if stop.received is not None:
+                _stop(config, task, accelerator, optimizers, ema, step, means[0], on_checkpoint, stop)
     bar.close()
 
 
@@ -254,26 +254,28 @@ def _check_gradients(config: TrainConfig, accelerator: Accelerator, optimizer: t
     limit = config.optim.max_grad_norm if config.optim.max_grad_norm > 0 else float("inf")
     norm = accelerator.clip_grad_norm_(params, limit)
     if getattr(accelerator, "scaler", None) is None and not torch.isfinite(torch.as_tensor(norm)):
-        _diverged(config, step, f"the gradient norm is {float(norm)} (loss {loss.item():.4g})")
+        _diverged(config, step + 1, f"the gradient norm is {float(norm)} (loss {loss.item():.4g})")
 
 
 def _diverged(config: TrainConfig, step: int, what: str) -> None:
+    """Raise ``DivergedError`` for ``step`` (counted from 1, as checkpoints and logs count)."""
     last = latest_checkpoint(Path(config.output_dir))
     kept = f"the newest checkpoint, {last.name}, is the last finite one" if last else "no checkpoint was written"
-    raise DivergedError(f"training diverged at step {step + 1}: {what}; {kept}; lower optim.lr "
+    raise DivergedError(f"training diverged at step {step}: {what}; {kept}; lower optim.lr "
                         f"(now {config.optim.lr:g}) or check the data, then run again")
 
 
-def _stop_agreed(stop: StopRequest, accelerator: Accelerator) -> bool:
-    """Whether any process received SIGTERM / SIGINT (all processes must stop at the same step); a process
-    that did not receive one takes SIGTERM as its reason."""
+def _reduce(losses: list[Tensor], stop: StopRequest, accelerator: Accelerator) -> list[float]:
+    """The losses' means over processes, in the step's one collective, which also carries whether any process
+    received SIGTERM / SIGINT: all processes must stop at the same step (those that did not receive one take
+    SIGTERM as their reason)."""
     if accelerator.num_processes == 1:
-        return stop.received is not None
-    flag = torch.tensor(float(stop.received is not None), device=accelerator.device)
-    if not accelerator.reduce(flag, reduction="sum").item():
-        return False
-    stop.received = stop.received or signal.SIGTERM
-    return True
+        return [loss.item() for loss in losses]
+    flag = torch.tensor([float(stop.received is not None)], device=losses[0].device)
+    totals = accelerator.reduce(torch.cat([torch.stack([loss.float() for loss in losses]), flag]), reduction="sum")
+    if totals[-1].item() and stop.received is None:
+        stop.received = signal.SIGTERM
+    return (totals[:-1] / accelerator.num_processes).tolist()
 
 
 def _stop(config: TrainConfig, task: Task, accelerator: Accelerator, optimizers: list, ema: EMA | None,
@@ -286,15 +288,16 @@ def _stop(config: TrainConfig, task: Task, accelerator: Accelerator, optimizers:
 
 
 def _after_step(config: TrainConfig, task: Task, accelerator: Accelerator, optimizers: list, ema: EMA | None,
-                step: int, losses: list[Tensor], on_checkpoint: Callable | None) -> None:
+                step: int, losses: list[Tensor], on_checkpoint: Callable | None, stop: StopRequest) -> list[float]:
+    """Checksums, the finite check, the log and the checkpoint of ``step``; the losses' means over processes."""
     root = Path(config.output_dir)
     if config.param_checksums:
         total = sum(float(p.detach().double().sum()) for g in task.groups() for p in parameters(g))
         with open(root / f"checksums-rank{accelerator.process_index}.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "sum": total}) + "\n")
-    means = [accelerator.reduce(loss, reduction="mean").item() for loss in losses]
+    means = _reduce(losses, stop, accelerator)
     if not all(math.isfinite(m) for m in means):
-        _diverged(config, step - 1, f"the loss is {means}")
+        _diverged(config, step, f"the loss is {means}")
     if accelerator.is_main_process and (step % config.log_every == 0 or step == config.optim.max_steps):
         record = {"step": step, "loss": means[0], "lr": optimizers[0].param_groups[0]["lr"]}
         record.update({f"loss{i}": m for i, m in enumerate(means[1:], start=1)})
@@ -304,17 +307,19 @@ def _after_step(config: TrainConfig, task: Task, accelerator: Accelerator, optim
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
     if step % config.checkpoint_every == 0 or step == config.optim.max_steps:
         _checkpoint(config, task, accelerator, optimizers, ema, step, means[0], on_checkpoint)
+    return means
 
 
 def _checkpoint(config: TrainConfig, task: Task, accelerator: Accelerator, optimizers: list, ema: EMA | None,
                 step: int, loss: float, on_checkpoint: Callable | None) -> None:
-    weights = [p for group in task.groups() for p in parameters(group)] + list(ema.state_dict().values() if ema else [])
+    ema_state = ema.state_dict() if ema else {}
+    weights = [p for group in task.groups() for p in parameters(group)] + list(ema_state.values())
     if not all(bool(torch.isfinite(w).all()) for w in weights):
-        _diverged(config, step - 1, "the loss is finite but some weights are not")
+        _diverged(config, step, "the loss is finite but some weights are not")
     if accelerator.is_main_process:
         states = {"optimizers": [opt.state_dict() for opt in optimizers]}
         folder = save_checkpoint(Path(config.output_dir), step, lambda path: task.write_model(path, ema),
-                                 ema.state_dict() if ema else {}, states, {"loss": loss}, config.keep_checkpoints)
+                                 ema_state, states, {"loss": loss}, config.keep_checkpoints)
         if on_checkpoint is not None:
             on_checkpoint(step, folder, accelerator)
     accelerator.wait_for_everyone()
