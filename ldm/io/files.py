@@ -149,16 +149,22 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        for item in [*tmp.rglob("*"), tmp]:
-            fsync_path(item)
-        old = tmp.with_suffix(".old")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        commit_folder(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit_folder(tmp: Path, path: Path) -> None:
+    """Flush the finished folder ``tmp`` to disk and put it in ``path``'s place (a folder there is moved aside,
+    then removed), then flush the rename."""
+    for item in [*tmp.rglob("*"), tmp]:  # files, then the folders' entries
+        fsync_path(item)
+    old = tmp.with_name(tmp.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _replaceable(path: Path) -> bool:

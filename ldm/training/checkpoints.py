@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ldm.io.files import fsync_path, save_state_dict
+from ldm.io.files import commit_folder, save_state_dict
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -53,12 +52,7 @@ def save_checkpoint(root: Path, step: int, write_model, ema_state: dict, optimiz
     save_state_dict(ema_state, tmp / "ema.safetensors")
     torch.save(optimizer_state, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
-    for path in [*tmp.rglob("*"), tmp]:  # files, then the folders' entries
-        fsync_path(path)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_path(final.parent)
+    commit_folder(tmp, final)
     _prune(root, keep)
     logger.info("saved checkpoint %s", final)
     return final
