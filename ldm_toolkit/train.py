@@ -344,7 +344,7 @@ def sample_grid_writer(config: TrainConfig):
 
         from ldm.config import load_yaml
         from pipelines import TextToImagePipeline
-        from pipelines.images import make_grid
+        from pipelines.images import make_grid, save_png
 
         model = folder / "model"
         if not (model / "unet.safetensors").is_file():
@@ -358,7 +358,7 @@ def sample_grid_writer(config: TrainConfig):
         grid = make_grid(images)
         out = folder.parent.parent / "samples" / f"step-{step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(out)
+        save_png(grid, out)
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ldm.io.files import atomic_path
+
 ImageInput = Image.Image | np.ndarray | Tensor | str | Path
 
 
@@ -89,4 +91,5 @@ def save_png(image: Image.Image, path: str | Path, parameters: str | None = None
     info = PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    image.save(path, format="PNG", pnginfo=info)
+    with atomic_path(path) as tmp:  # a failed write (disk full) leaves no half image and names the file
+        image.save(tmp, format="PNG", pnginfo=info)

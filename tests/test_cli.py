@@ -116,6 +116,34 @@ def test_missing_and_corrupt_models_in_a_subprocess(tmp_path: Path) -> None:
         assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
+def _full_disk() -> None:
+    """For a child process: writes past 100 bytes fail with EFBIG, as writes to a full disk fail."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_what_was_there(models: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    (tmp_path / "old.png").write_bytes(b"old")
+    cases = (["convert", str(models["t2i"]), str(tmp_path / "sd.safetensors"), "--to", "sd"],
+             ["convert", str(models["t2i"]), str(models["sr"]), "--to", "folder"],  # replaces a model folder
+             ["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "2", "-o", str(tmp_path / "old.png")])
+    before = sorted(p.name for p in models["sr"].iterdir())
+    for args in cases:
+        result = subprocess.run([sys.executable, "-m", "ldm_toolkit.cli", *args], capture_output=True, text=True,
+                                preexec_fn=_full_disk)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert last.startswith(f"ldm: error: {args[2] if args[0] == 'convert' else args[-1]}: could not be written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.png"] and (tmp_path / "old.png").read_bytes() == b"old"
+    assert sorted(p.name for p in models["sr"].iterdir()) == before  # the folder it would have replaced is whole
+    assert not [p for p in models["sr"].parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
 @pytest.mark.slow
 def test_help_has_examples() -> None:
     result = subprocess.run([sys.executable, "-m", "ldm_toolkit.cli", "generate", "--help"], capture_output=True,

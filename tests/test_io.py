@@ -155,6 +155,19 @@ def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_a_protocol_5_pickle_is_refused_with_the_error_alone(tmp_path: Path) -> None:
+    import pickle
+    import warnings
+
+    marker = tmp_path / "MARKER"
+    with open(tmp_path / "evil5.ckpt", "wb") as f:
+        pickle.dump({"state_dict": _MakesMarker(marker)}, f, protocol=5)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(CheckpointError, match=r"evil5\.ckpt: refused"):
+        warnings.simplefilter("always")
+        load_models(tmp_path / "evil5.ckpt")
+    assert not caught and not marker.exists()  # torch's "Detected pickle protocol 5" warning is not printed
+
+
 def test_pickles_need_a_torch_whose_weights_only_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tomllib
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,7 +119,7 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted: 
     assert main([SMOKE, "--output-dir", str(out), "--max-steps", "6", "--checkpoint-every", "3"]) == 130
     monkeypatch.undo()
     assert latest_checkpoint(out).name == "step-00000003"
-    assert list((out / "checkpoints").glob(".tmp-step-00000006.*"))  # the torn write is left aside, not listed
+    assert not list((out / "checkpoints").glob(".tmp-step-*"))  # an interrupted write takes its temp folder along
     from pipelines import TextToImagePipeline
 
     TextToImagePipeline.from_pretrained(latest_checkpoint(out) / "model")  # the previous one loads
@@ -128,7 +129,33 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted: 
     assert not list((out / "checkpoints").glob(".tmp-step-*"))
 
 
+def _file_size_limit(limit: int):
+    """For a child process: writes past ``limit`` bytes fail with EFBIG, as writes to a full disk fail."""
+    import resource
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
 @pytest.mark.slow
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_one(uninterrupted: Path,
+                                                                            tmp_path: Path) -> None:
+    out = tmp_path / "full"
+    shutil.copytree(uninterrupted, out)  # a run stopped after step 3's checkpoint
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
+    shutil.rmtree(out / "model")
+    failed = subprocess.run(train_command(out), env=ENV, capture_output=True, text=True, cwd=ROOT,
+                            preexec_fn=_file_size_limit(20 << 20))  # the 34 MB optimizer.pt does not fit
+    last_line = failed.stderr.strip().splitlines()[-1]
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    assert "step-00000006: could not be written" in last_line, last_line
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003"]  # no temp folder left
+    subprocess.run(train_command(out), check=True, env=ENV, capture_output=True, cwd=ROOT)
+    assert_bitwise_equal(final_state(uninterrupted), final_state(out))
+
+
 @pytest.mark.slow
 def test_a_diverging_run_stops_before_a_non_finite_checkpoint(tmp_path: Path, capsys) -> None:
     out = tmp_path / "diverged"

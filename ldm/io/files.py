@@ -10,6 +10,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,36 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 class CheckpointError(ValueError):
     """A weight file that cannot be used; the message names the file and what was found."""
+
+
+class WriteError(OSError):
+    """A file or folder could not be written (disk full, file too large, no permission); names the target."""
+
+    def __init__(self, target: str | Path, reason: str) -> None:
+        super().__init__(f"{target}: could not be written ({reason}); nothing was replaced")
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def naming_write_errors(target: str | Path) -> Iterator[None]:
+    """Turn the errors writers raise when the disk refuses a write (``OSError``, safetensors' ``SafetensorError``)
+    into one ``WriteError`` naming ``target``; the outermost target wins, so a file of a folder export is reported
+    as the folder the user asked for."""
+    try:
+        yield
+    except WriteError as err:
+        raise WriteError(target, err.reason) from err.__cause__
+    except (OSError, SafetensorError) as err:
+        raise WriteError(target, str(err)) from err
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save`` (for state that is not a flat dict of tensors, e.g. an optimizer's), with its C++ stream
+    errors on a full disk ("unexpected pos …", "file write failed": ``RuntimeError``) reported as ``WriteError``."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as err:
+        raise WriteError(path, str(err).splitlines()[0]) from err
 
 
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -64,7 +95,9 @@ def _load_pickle(path: Path) -> dict:
                               f"weights_only=True cannot be bypassed (CVE-2025-32434); this is torch "
                               f"{torch.__version__}: upgrade torch or convert the file to .safetensors elsewhere")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 5 …": the outcome is reported below instead
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = [line for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line]
         raise CheckpointError(
@@ -101,10 +134,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+        with naming_write_errors(path):
+            yield Path(tmp)
+            fsync_path(tmp)
+            os.replace(tmp, path)
+            fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -148,8 +182,9 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
-        commit_folder(tmp, path)
+        with naming_write_errors(path):
+            yield tmp
+            commit_folder(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ldm.io.files import commit_folder, save_state_dict
+from ldm.io.files import commit_folder, naming_write_errors, save_state_dict, save_torch
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -48,11 +48,16 @@ def save_checkpoint(root: Path, step: int, write_model, ema_state: dict, optimiz
     final = checkpoint_dir(root, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
-    write_model(tmp / "model")
-    save_state_dict(ema_state, tmp / "ema.safetensors")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
-    commit_folder(tmp, final)
+    try:
+        with naming_write_errors(final):
+            write_model(tmp / "model")
+            save_state_dict(ema_state, tmp / "ema.safetensors")
+            save_torch(optimizer_state, tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+            commit_folder(tmp, final)
+    except BaseException:  # a failed write (disk full) or a signal: the previous checkpoint stays the newest
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _prune(root, keep)
     logger.info("saved checkpoint %s", final)
     return final

@@ -208,7 +208,7 @@ def _loop(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerato
           optimizers: list[torch.optim.Optimizer], ema: EMA | None, step: int, on_checkpoint: Callable | None) -> None:
     bar = tqdm(total=config.optim.max_steps, initial=step, desc="train",
                disable=not accelerator.is_local_main_process)
-    with StopRequest() as stop:
+    with bar, StopRequest() as stop:  # the bar closes before an error is printed, so the error is the last line
         while step < config.optim.max_steps:
             losses = [_optimizer_step(config, task, dataset, accelerator, index, optimizer, step)
                       for index, optimizer in enumerate(optimizers)]
@@ -220,7 +220,6 @@ def _loop(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerato
             bar.set_postfix(loss=f"{means[0]:.4f}")
             if stop.received is not None:
                 _stop(config, task, accelerator, optimizers, ema, step, means[0], on_checkpoint, stop)
-    bar.close()
 
 
 def _optimizer_step(config: TrainConfig, task: Task, dataset: Any, accelerator: Accelerator, index: int,
