@@ -34,18 +34,20 @@ def check_float(
     high: float | None = None,
     *,
     low_open: bool = False,
+    high_open: bool = False,
 ) -> float:
-    """Return ``value`` as float if it is finite and lies in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
+    """Return ``value`` as float if it is finite and lies in ``[low, high]`` (open at an end with ``low_open`` /
+    ``high_open``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{param}={value!r} must be a number")
     value = float(value)
     below = low is not None and (value <= low if low_open else value < low)
-    above = high is not None and value > high
+    above = high is not None and (value >= high if high_open else value > high)
     if below or above or not math.isfinite(value):
-        left = "(" if low_open else "["
+        left = "(" if low_open or low is None else "["
         lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
-        raise ValueError(f"{param}={value!r} is out of range; allowed: {left}{lo}, {hi}]")
+        hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
+        raise ValueError(f"{param}={value!r} is out of range; allowed: a finite number in {left}{lo}, {hi}")
     return value
 
 

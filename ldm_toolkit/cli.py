@@ -245,12 +245,27 @@ def _check_before_sampling(args: argparse.Namespace) -> None:
     out = Path(args.output)
     if out.suffix.lower() != ".png" or out.is_dir():
         raise ValueError(f"-o/--output={args.output!r} is not allowed; allowed: a .png file path (not a folder)")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(f"-o/--output={args.output!r}: the folder {str(folder)!r} does not exist or is not writable")
+    _check_writable_folder(out.parent, f"-o/--output={args.output!r}")
+    if getattr(args, "classifier", None) and args.class_label is None:
+        raise ValueError(f"--classifier={args.classifier!r} is not allowed without --class; allowed: --class NAME "
+                         "or INDEX with it")
     SamplingOptions(num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                     num_images_per_prompt=getattr(args, "num_images", 1),
                     guidance_interval=getattr(args, "guidance_interval", None))
+
+
+def _check_writable_folder(folder: Path, what: str) -> None:
+    """A file can be created in ``folder`` (tried, not guessed from permission bits: /proc or a read-only mount
+    pass os.access)."""
+    import tempfile
+
+    folder = folder if str(folder) else Path(".")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{what}: the folder {str(folder)!r} does not exist or is not writable "
+                         f"({err.strerror or err})") from None
 
 
 def _pipeline(cls: type, args: argparse.Namespace):
@@ -306,6 +321,7 @@ def _convert(args: argparse.Namespace) -> None:
     from pipelines.models import ModelConfig, config_source
 
     source = resolve_source(args.source)  # a demo name is its shipped folder
+    _check_writable_folder(Path(args.target).parent, f"target={args.target!r}")
     if (source / "config.json").is_file() and not (source / "model_index.json").is_file():
         return _convert_clip(source, args)
     options = {"prediction_type": args.prediction_type, "use_ema": not args.no_ema}

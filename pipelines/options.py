@@ -13,6 +13,7 @@ from ldm.diffusion.samplers import Callback
 from ldm.validation import check_choice, check_float, check_int
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_IMAGES = 256  # per prompt and call: one batch; more is a loop over calls
 
 
@@ -60,6 +61,8 @@ class SamplingOptions:
         if self.sampler == "ddim":  # the other samplers take no eta
             self.eta = check_float("eta", self.eta, 0.0)
         check_choice("output_type", self.output_type, OUTPUT_TYPES)
+        if self.seed is not None:
+            check_int("seed", self.seed, 0, MAX_SEED)
 
 
 @dataclasses.dataclass

@@ -81,13 +81,16 @@ def test_convert_to_diffusers_and_sd(models: dict[str, Path], tmp_path: Path, ca
     [
         (["--height", "15"], "height=15 is not allowed; allowed: a positive multiple of 2"),
         (["--steps", "0"], "num_inference_steps=0 is out of range"),
-        (["--guidance", "-2"], "guidance_scale=-2.0 is out of range; allowed: [0, inf]"),
+        (["--guidance", "-2"], "guidance_scale=-2.0 is out of range; allowed: a finite number in [0, inf)"),
         (["--sampler", "plms"],
          "sampler='plms' is not supported; allowed: 'ddpm', 'ddim', 'dpmpp_2m', 'euler', 'euler_a'"),
         (["-n", "0"], "num_images_per_prompt=0 is out of range"),
         (["-n", "10000"], "num_images_per_prompt=10000 is out of range; allowed: an integer in [1, 256]"),
         (["--guidance", "inf"], "guidance_scale=inf is out of range"),
         (["--guidance", "nan"], "guidance_scale=nan is out of range"),
+        (["--seed", str(2**64)], f"seed={2**64} is out of range; allowed: an integer in [0, {2**64 - 1}]"),
+        (["--classifier", "x"], "--classifier='x' is not allowed without --class"),
+        (["-o", "/proc/x.png"], "-o/--output='/proc/x.png': the folder '/proc' does not exist or is not writable"),
     ],
 )
 def test_bad_generate_arguments_give_one_line(models: dict[str, Path], tmp_path: Path, capsys, args, message) -> None:

@@ -88,7 +88,7 @@ def test_tiled_decode_at_four_times_the_area(t2i: TextToImagePipeline) -> None:
         ({"height": 15}, "height=15 is not allowed; allowed: a positive multiple of 2"),
         ({"width": 0}, "width=0 is not allowed"),
         ({"num_inference_steps": 0}, r"num_inference_steps=0 is out of range; allowed: an integer in \[1, 1000\]"),
-        ({"guidance_scale": -1.0}, r"guidance_scale=-1.0 is out of range; allowed: \[0, inf\]"),
+        ({"guidance_scale": -1.0}, r"guidance_scale=-1.0 is out of range; allowed: a finite number in \[0, inf\)"),
         ({"sampler": "plms"}, "sampler='plms' is not supported; allowed: 'ddpm', 'ddim'"),
         ({"num_images_per_prompt": 0}, "num_images_per_prompt=0 is out of range"),
         ({"output_type": "jpeg"}, "output_type='jpeg' is not supported; allowed: 'pil', 'np', 'pt', 'latent'"),

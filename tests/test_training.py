@@ -261,6 +261,12 @@ def write_config(tmp_path: Path, text: str) -> str:
         ("keep_checkpoints: -1\n", "keep_checkpoints=-1 is out of range; allowed: an integer >= 1"),
         ("checkpoint_every: 0\n", "checkpoint_every=0 is out of range; allowed: an integer >= 1"),
         ("eval_every: -5\n", "eval_every=-5 is out of range"),
+        ("optim: {lr: .inf}\n", "optim.lr=inf is out of range; allowed: a finite number in (0, inf)"),
+        ("optim: {lr: -1.0}\n", "optim.lr=-1.0 is out of range"),
+        ("optim: {max_grad_norm: .nan}\n", "optim.max_grad_norm=nan is out of range"),
+        ("optim: {betas: [0.9, 1.0]}\n", "optim.betas=1.0 is out of range; allowed: a finite number in [0, 1)"),
+        ("ema: {decay: 2}\n", "ema.decay=2.0 is out of range"),
+        ("data: {image_size: 100000}\n", "data.image_size=100000 is out of range; allowed: an integer in [8, 2048]"),
     ],
 )
 def test_configs_are_checked_before_models_are_built(tmp_path: Path, capsys, monkeypatch, text: str,

@@ -130,8 +130,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     followed); on success flush it to disk and rename it over ``path``, then flush the folder, so that a crash
     or power cut leaves either the old file or the whole new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with naming_write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         with naming_write_errors(path):
@@ -179,8 +180,9 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     if path.exists() and not _replaceable(path):
         raise CheckpointError(f"{path}: exists and is not a model folder ({', '.join(MODEL_MARKERS)}); "
                               "allowed: a new path, an empty folder or a model folder to replace")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with naming_write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         with naming_write_errors(path):
             yield tmp

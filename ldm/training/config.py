@@ -12,6 +12,8 @@ from ldm.config import ConfigError, config_from_dict, config_to_dict, load_yaml,
 from ldm.io.files import write_text_atomic
 from ldm.validation import check_float, check_int
 
+MAX_IMAGE_SIZE = 2048  # training image side; SD XL trains at 1024
+
 
 @dataclass
 class DataConfig:
@@ -31,6 +33,10 @@ class DataConfig:
             raise ValueError(f"objects={self.objects!r} is not supported; allowed: 'any', 'one', 'two'")
         if self.kind == "folder" and not self.path:
             raise ValueError("kind='folder' needs path: the folder with metadata.jsonl")
+        check_int("data.image_size", self.image_size, 8, MAX_IMAGE_SIZE)  # a batch is allocated at this size
+        check_int("data.length", self.length, 1, 10**12)
+        check_float("data.two_object_prob", self.two_object_prob, 0.0, 1.0)
+        check_float("data.drop_prob", self.drop_prob, 0.0, 1.0)
 
 
 @dataclass
@@ -82,6 +88,14 @@ class OptimConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range; allowed: an integer >= 1")
         check_float("optim.text_encoder_lr_scale", self.text_encoder_lr_scale, 0.0)
+        check_float("optim.lr", self.lr, 0.0, low_open=True)
+        check_float("optim.weight_decay", self.weight_decay, 0.0)
+        check_float("optim.max_grad_norm", self.max_grad_norm, 0.0)  # 0: no clipping
+        check_int("optim.warmup_steps", self.warmup_steps, 0)
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas={list(self.betas)!r} is not allowed; allowed: two numbers in [0, 1)")
+        for beta in self.betas:
+            check_float("optim.betas", beta, 0.0, 1.0, high_open=True)
         if not 0 <= self.decay_steps <= self.max_steps:
             raise ValueError(f"decay_steps={self.decay_steps!r} is out of range; "
                              f"allowed: 0..max_steps ({self.max_steps})")
@@ -109,6 +123,9 @@ class EMAConfig:
     enabled: bool = True
     decay: float = 0.9999
     warmup: bool = True
+
+    def __post_init__(self) -> None:
+        check_float("ema.decay", self.decay, 0.0, 1.0, high_open=True)
 
 
 @dataclass
