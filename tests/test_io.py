@@ -344,3 +344,12 @@ def test_a_model_yaml_asking_for_an_absurd_network_fails_before_allocating(tmp_p
     with pytest.raises(ValueError, match=r"m/model\.yaml \(unet\): the config makes a network of [0-9.e+]+ param"):
         load_models(tmp_path / "m")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2**20  # KB: under 1 GB more at peak
+
+
+def test_a_yaml_alias_bomb_in_model_yaml_is_refused_at_once(tmp_path: Path) -> None:
+    small_models().save(tmp_path / "m")
+    bomb = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else 'x'] * 9)}]\n" for i in range(9))  # 9**9 items
+    with open(tmp_path / "m" / "model.yaml", "a") as f:
+        f.write(bomb)
+    with pytest.raises(ValueError, match=r"m/model\.yaml: not valid YAML \(line \d+: aliases \(\*l0\) are not"):
+        load_models(tmp_path / "m")
