@@ -197,6 +197,47 @@ def test_a_second_run_on_a_held_output_dir_stops_at_once_naming_the_holder(tmp_p
     assert not (out / "checkpoints").exists() and not (out / "config.yaml").exists()
 
 
+@pytest.mark.slow
+def test_a_second_ldm_train_beside_a_running_one_leaves_its_checkpoints_whole(uninterrupted: Path,
+                                                                              tmp_path: Path) -> None:
+    out = tmp_path / "shared"
+    first = subprocess.Popen(train_command(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             cwd=ROOT)
+    log, deadline = out / "log.jsonl", time.time() + 240
+    while not (log.exists() and log.read_text().strip()) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    second = subprocess.run(train_command(out), env=ENV, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    marker = out / "checkpoints" / "step-00000003" / "state.json"
+    while not marker.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)  # the first is stopped after its step-3 checkpoint and resumed
+    first.wait()
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert f"is in use by pid {first.pid} on " in second.stderr
+    subprocess.run(train_command(out), check=True, env=ENV, capture_output=True, cwd=ROOT)
+    assert_bitwise_equal(final_state(uninterrupted), final_state(out))
+
+
+@pytest.mark.slow
+def test_after_a_divergence_the_last_finite_checkpoint_is_the_newest_and_resumes(uninterrupted: Path,
+                                                                                 tmp_path: Path, capsys) -> None:
+    out = tmp_path / "diverges-later"
+    shutil.copytree(uninterrupted, out)  # a run stopped after step 3's checkpoint
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
+    shutil.rmtree(out / "model")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess ran (OMP_NUM_THREADS=1): same reduction order, same bits
+    try:
+        args = [SMOKE, "--output-dir", str(out), "--max-steps", "6", "--checkpoint-every", "3"]
+        assert main([*args, "--set", "optim.lr=1e9", "--allow-config-change", "optim.lr"]) == 2
+        assert "training diverged at step 5" in capsys.readouterr().err  # step 4 at lr 1e9 made the weights nan
+        assert latest_checkpoint(out).name == "step-00000003"
+        assert main([*args, "--allow-config-change", "optim.lr"]) == 0  # back to the config's rate
+    finally:
+        torch.set_num_threads(threads)
+    assert_bitwise_equal(final_state(uninterrupted), final_state(out))
+
+
 def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path: Path) -> None:
     from ldm.training.lock import RunLock
 
