@@ -14,6 +14,11 @@ _EXPORTS = {
     "TextEncoder": "ldm.conditioning.text",
     "TextEncoderConfig": "ldm.conditioning.text",
     "PRESETS": "ldm.conditioning.text",
+    "clip_skip_from_diffusers": "ldm.conditioning.text",
+    "parse_prompt_attention": "ldm.conditioning.prompt_weights",
+    "encode_prompts": "ldm.conditioning.prompts",
+    "encode_prompt_pair": "ldm.conditioning.prompts",
+    "pad_to_same_chunks": "ldm.conditioning.prompts",
 }
 __all__ = sorted(_EXPORTS)
 

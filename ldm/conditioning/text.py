@@ -4,6 +4,12 @@ kind "clip" (SD v1): transformers' ``CLIPTextModel``; output is ``last_hidden_st
 final layer norm). kind "openclip" (SD v2): open_clip's text tower; output is the penultimate
 resblock's output followed by ``ln_final``, as SD v2's ``FrozenOpenCLIPEmbedder(layer="penultimate")``.
 
+``clip_skip`` (A1111's "Clip skip", ComfyUI's ``CLIPSetLastLayer(-n)``) counts from the tower's last
+block: ``clip_skip=n`` is the output of the n-th block from the end, followed by the final layer
+norm; 1 is the last block, 2 the penultimate. ``None`` is the config's ``layer`` ("last" = 1,
+"penultimate" = 2, so SD v2's default is clip_skip 2). diffusers' ``clip_skip=k`` counts from the
+model's output layer instead: see :func:`clip_skip_from_diffusers`.
+
 State-dict keys equal the original single-file layouts: kind clip gives ``text_model.*``
 (stored under ``cond_stage_model.transformer.`` in SD v1 files); kind openclip gives open_clip's
 ``token_embedding.weight``, ``positional_embedding``, ``transformer.resblocks.N.*``, ``ln_final.*``,
@@ -116,23 +122,46 @@ class TextEncoder(nn.Module):
         self.optional_keys = ("text_projection", "logit_scale")  # a file without them loads (they keep their init)
         self.register_buffer("attn_mask", tower.attn_mask, persistent=False)  # causal, -inf above diagonal
 
-    def forward(self, token_ids: Tensor) -> Tensor:
+    def forward(self, token_ids: Tensor, clip_skip: int | None = None) -> Tensor:
+        """Context (B, L, width) of ``token_ids`` (B, L); ``clip_skip`` as in the module docstring."""
+        skip = self.resolve_clip_skip(clip_skip)
         if self.config.kind == "clip":
-            return self._forward_clip(token_ids)
-        return self._forward_openclip(token_ids)
+            return self._forward_clip(token_ids, skip)
+        return self._forward_openclip(token_ids, skip)
 
-    def _forward_clip(self, token_ids: Tensor) -> Tensor:
-        if self.config.layer == "last":
+    def resolve_clip_skip(self, clip_skip: int | None) -> int:
+        """``clip_skip`` checked against the depth; ``None`` -> the config's layer (last 1, penultimate 2)."""
+        if clip_skip is None:
+            return LAYERS.index(self.config.layer) + 1
+        return check_int("clip_skip", clip_skip, 1, self.config.layers)
+
+    def _forward_clip(self, token_ids: Tensor, skip: int) -> Tensor:
+        if skip == 1:
             return self.text_model(input_ids=token_ids).last_hidden_state
-        hidden = self.text_model(input_ids=token_ids, output_hidden_states=True).hidden_states
-        return self.text_model.final_layer_norm(hidden[-2])  # "clip skip" 2
+        hidden = self.text_model(input_ids=token_ids, output_hidden_states=True).hidden_states  # layers + 1
+        return self.text_model.final_layer_norm(hidden[-skip])  # as A1111's CLIP_stop_at_last_layers
 
-    def _forward_openclip(self, token_ids: Tensor) -> Tensor:
+    def _forward_openclip(self, token_ids: Tensor, skip: int) -> Tensor:
         length = token_ids.shape[1]
         x = self.token_embedding(token_ids) + self.positional_embedding[:length]  # (B, L, width)
         blocks = self.transformer.resblocks
-        if self.config.layer == "penultimate":
-            blocks = blocks[:-1]
+        if skip > 1:
+            blocks = blocks[: len(blocks) - (skip - 1)]
         for block in blocks:
             x = block(x, attn_mask=self.attn_mask[:length, :length])
         return self.ln_final(x)
+
+
+def clip_skip_from_diffusers(diffusers_clip_skip: int | None, config: TextEncoderConfig) -> int | None:
+    """Our (A1111) ``clip_skip`` for diffusers' ``clip_skip`` argument on the same weights.
+
+    diffusers takes ``hidden_states[-(k + 1)]`` of its text encoder (then the final layer norm), so
+    its k is our k + 1 (diffusers 1 = A1111 2, the penultimate block); for SD v2 its text encoder
+    already lacks the last block (see ``ldm.io.text_keys``), so there its k is our k + 2. ``None``
+    (diffusers' default) -> ``None`` (the model's own layer).
+    """
+    if diffusers_clip_skip is None:
+        return None
+    check_int("clip_skip", diffusers_clip_skip, 0, None)
+    dropped = config.kind == "openclip" and config.layer == "penultimate"  # as text_config_to_hf
+    return diffusers_clip_skip + 1 + int(dropped)
