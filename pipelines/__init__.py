@@ -3,6 +3,7 @@
 from pipelines.base import PipelineOutput
 from pipelines.classifier_guided import ClassifierGuidedPipeline
 from pipelines.image_to_image import ImageToImagePipeline
+from pipelines.inpaint import InpaintPipeline
 from pipelines.models import Models, load_models
 from pipelines.options import Conditioning, SamplingOptions
 from pipelines.semantic_to_image import SemanticToImagePipeline
@@ -13,6 +14,7 @@ __all__ = [
     "ClassifierGuidedPipeline",
     "Conditioning",
     "ImageToImagePipeline",
+    "InpaintPipeline",
     "Models",
     "PipelineOutput",
     "SamplingOptions",

@@ -16,10 +16,12 @@ from PIL import Image
 from torch import Tensor
 
 from autoencoder import tiled_decode
+from ldm.conditioning.prompts import encode_prompt_pair, encode_prompts, pad_to_same_chunks
 from ldm.conditioning.spatial import as_condition_batch
 from ldm.devices import resolve_device
 from ldm.diffusion import ClassifierFreeGuidance, ClassifierGuidance, Denoiser, NoiseSchedule
 from ldm.diffusion.denoiser import DenoiserLike
+from ldm.diffusion.inpainting import KnownRegion, keep_known
 from ldm.diffusion.samplers import sample
 from ldm.validation import check_choice, check_float, check_int
 from pipelines.models import Models, load_models
@@ -92,16 +94,43 @@ class Pipeline:
         return self
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """Context (B, 77, D) for each prompt (an empty prompt is the unconditional one); a model
-        without a text encoder takes a zero context (B, 1, D) and only empty prompts."""
+    def encode_prompts(self, prompts: list[str], negatives: list[str] | None = None,
+                       clip_skip: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """Contexts (B, 77·k, D) of ``prompts`` and of ``negatives`` (an empty prompt is the unconditional one):
+        prompts longer than 75 tokens in chunks of 75, ``(word:1.3)`` weighting, ``BREAK``, as the WebUIs do; both
+        padded to the same k (see ldm.conditioning.prompts). A model without a text encoder takes a zero context
+        (B, 1, D) and only empty prompts."""
         m = self.models
         if m.text_encoder is None:
-            given = [p for p in prompts if p]
+            given = [p for p in prompts + (negatives or []) if p]
             if given:
                 raise ValueError(f"prompt={given[0]!r} is not allowed: this model has no text encoder; allowed: ''")
-            return torch.zeros(len(prompts), 1, m.unet.config.context_dim, device=self.device, dtype=self.dtype)
-        return m.text_encoder(m.tokenizer(prompts).to(self.device))
+            zeros = torch.zeros(len(prompts), 1, m.unet.config.context_dim, device=self.device, dtype=self.dtype)
+            return zeros, None if negatives is None else zeros[: len(negatives)]
+        if negatives is None:
+            return encode_prompts(m.text_encoder, m.tokenizer, prompts, clip_skip), None
+        return encode_prompt_pair(m.text_encoder, m.tokenizer, prompts, negatives, clip_skip)
+
+    def contexts(self, conditioning: Conditioning) -> tuple[Tensor, Tensor]:
+        """The conditional and unconditional text contexts (P, 77·k, D), from text or the given embeddings."""
+        c = conditioning
+        if c.prompt_embeds is None and c.negative_prompt_embeds is None:
+            return self.encode_prompts(c.prompts, c.negatives, c.clip_skip)
+        cond = c.prompt_embeds if c.prompt_embeds is not None else self.encode_prompts(c.prompts, None, c.clip_skip)[0]
+        uncond = c.negative_prompt_embeds
+        if uncond is None:
+            uncond = self.encode_prompts(c.negatives, None, c.clip_skip)[0]
+        cond, uncond = cond.to(self.device, self.dtype), uncond.to(self.device, self.dtype)
+        if cond.shape[0] != uncond.shape[0] and uncond.shape[0] == 1:
+            uncond = uncond.expand(cond.shape[0], -1, -1)
+        if self.models.text_encoder is not None and cond.shape[1] != uncond.shape[1]:
+            empty = self.encode_prompts([""], None, c.clip_skip)[0]
+            cond, uncond = pad_to_same_chunks(cond, uncond, empty)
+        width = self.models.unet.config.context_dim
+        if cond.shape[-1] != width or cond.shape[0] != uncond.shape[0] or cond.shape[1:] != uncond.shape[1:]:
+            raise ValueError(f"prompt_embeds {tuple(cond.shape)} and negative_prompt_embeds {tuple(uncond.shape)} do "
+                             f"not fit; allowed: equal batch and (tokens, {width}) shapes")
+        return cond, uncond
 
     def latent_shape(self, batch: int, height: int | None, width: int | None,
                      channels: int | None = None) -> tuple[int, ...]:
@@ -151,6 +180,8 @@ class Pipeline:
         seed = self.resolve_seed(options.seed)
         noise, generator = self.initial_noise(shape, seed, options.latents)
         latents = self.sample(denoiser, noise, generator, conditioning, options)
+        if conditioning.keep is not None:  # exact where kept, also for a sampler that ends above σ = 0 (DDIM)
+            latents = keep_known(latents, *(t.to(self.device) for t in conditioning.keep))
         if not bool(torch.isfinite(latents).all()):  # would decode to a black image
             raise FloatingPointError(f"sampling gave non-finite latents (seed {seed}, guidance_scale "
                                      f"{options.guidance_scale:g}, sampler {options.sampler!r}); the model's weights "
@@ -160,8 +191,9 @@ class Pipeline:
     def prepare(self, conditioning: Conditioning, n: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The U-Net's conditional and unconditional inputs for P prompts × n images: the text context
         (P·n, L, D) of the prompts and of the negatives, and the concat condition (if any) in both."""
-        cond = {"context": self.encode_prompts(conditioning.prompts).repeat_interleave(n, dim=0)}
-        uncond = {"context": self.encode_prompts(conditioning.negatives).repeat_interleave(n, dim=0)}
+        context, uncond_context = self.contexts(conditioning)
+        cond = {"context": context.repeat_interleave(n, dim=0)}
+        uncond = {"context": uncond_context.repeat_interleave(n, dim=0)}
         if conditioning.concat is not None:
             batch = len(conditioning.prompts) * n
             cond["concat"] = uncond["concat"] = as_condition_batch(conditioning.concat.to(self.device), batch)
@@ -170,13 +202,16 @@ class Pipeline:
     def denoiser(self, cond: dict[str, Tensor], uncond: dict[str, Tensor], conditioning: Conditioning,
                  options: SamplingOptions) -> DenoiserLike:
         """Classifier-free guidance over ``cond``/``uncond``, under classifier guidance when the
-        conditioning has class labels (one per prompt)."""
+        conditioning has class labels (one per prompt), holding the known region when it has ``keep``."""
         interval = options.guidance_interval or self.models.sampling.guidance_interval
         denoiser = self.guided(cond, uncond, options.guidance_scale, options.guidance_rescale, interval)
-        if conditioning.class_labels is None:
-            return denoiser
-        labels = conditioning.class_labels.repeat_interleave(options.num_images_per_prompt).to(self.device)
-        return self.classifier_guided(denoiser, labels, conditioning.classifier_scale)
+        if conditioning.class_labels is not None:
+            labels = conditioning.class_labels.repeat_interleave(options.num_images_per_prompt).to(self.device)
+            denoiser = self.classifier_guided(denoiser, labels, conditioning.classifier_scale)
+        if conditioning.keep is not None:
+            known, mask = (t.to(self.device) for t in conditioning.keep)
+            denoiser = KnownRegion(denoiser, known, mask)
+        return denoiser
 
     def guided(self, cond: dict[str, Tensor], uncond: dict[str, Tensor], scale: float,
                rescale: float = 0.0, interval: tuple[float, float | None] | None = None) -> DenoiserLike:

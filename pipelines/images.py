@@ -34,6 +34,37 @@ def image_tensor(image: ImageInput, name: str = "image") -> Tensor:
     return image.float() * 2 - 1
 
 
+def mask_tensor(mask: ImageInput, name: str = "mask_image") -> Tensor:
+    """Inpainting mask, white (1) = generate, black (0) = keep: a PIL image (converted to grayscale, as diffusers
+    does), an (H, W) uint8 array, a float tensor (B, 1, H, W) in [0, 1], or a file path → (B, 1, H, W) in [0, 1]."""
+    if isinstance(mask, (str, Path)):
+        mask = _open(mask, name)
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"))
+    if isinstance(mask, np.ndarray):
+        if mask.ndim != 2 or mask.dtype != np.uint8:
+            raise ValueError(f"{name} is an array of shape {mask.shape} and dtype {mask.dtype}; allowed: (H, W) uint8")
+        mask = torch.from_numpy(mask.copy())[None, None].float() / 255
+    if not isinstance(mask, Tensor) or mask.ndim != 4 or mask.shape[1] != 1 or not mask.dtype.is_floating_point:
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{name} is {shape}; allowed: a PIL image, (H, W) uint8 array or (B, 1, H, W) float tensor")
+    if not bool(((mask >= 0) & (mask <= 1)).all()):
+        raise ValueError(f"{name} has values outside [0, 1]; allowed: 0 (keep) to 1 (generate)")
+    return mask.float()
+
+
+def blur_mask(mask: Tensor, sigma: float) -> Tensor:
+    """``mask`` (B, 1, H, W) blurred by a Gaussian of std ``sigma`` pixels (separable, reflected at the borders):
+    the soft edge the WebUIs' "mask blur" gives."""
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=mask.device)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    padded = torch.nn.functional.pad(mask, (radius, radius, radius, radius), mode="replicate")
+    rows = torch.nn.functional.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return torch.nn.functional.conv2d(rows, kernel.view(1, 1, -1, 1)).clamp(0, 1)
+
+
 def label_map_tensor(labels: ImageInput, name: str = "semantic_map") -> Tensor:
     """Label map: PIL 'L'/'P' image, (H, W) integer array or (B, H, W) integer tensor, or a file path."""
     if isinstance(labels, (str, Path)):
@@ -70,18 +101,6 @@ def make_grid(images: list, columns: int | None = None):
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * w, (i // columns) * h))
     return grid
-
-
-A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "euler": "Euler", "euler_a": "Euler a"}
-
-
-def generation_parameters(prompt: str, negative_prompt: str | None, steps: int, sampler: str, guidance_scale: float,
-                          seed: int | None, size: tuple[int, int], model: str, **extra: object) -> str:
-    """The A1111 "parameters" text: the prompt, ``Negative prompt: …`` and one line of ``Key: value`` pairs."""
-    pairs = {"Steps": steps, "Sampler": A1111_SAMPLERS.get(sampler, sampler), "CFG scale": guidance_scale,
-             "Seed": seed, "Size": f"{size[0]}x{size[1]}", "Model": model, **extra}
-    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
-    return "\n".join(lines + [", ".join(f"{key}: {value}" for key, value in pairs.items() if value is not None)])
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> None:

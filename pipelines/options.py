@@ -73,7 +73,11 @@ class Conditioning:
     unconditional branch of classifier-free guidance, one or one per prompt (stored one per prompt);
     ``concat``: a spatial condition on the latent grid, concatenated with the latents at every step
     (1 or P·n rows); ``init_latents``: image-to-image start latents, noised to ``strength``;
-    ``class_labels``: one class per prompt, steered toward by a classifier at ``classifier_scale``.
+    ``class_labels``: one class per prompt, steered toward by a classifier at ``classifier_scale``; ``keep``:
+    (latents (1 or P·n, C, h, w), mask (1 or P·n, 1, h, w), 1 = generate): inpainting by a model without a mask
+    input, whose x̂_0 is held to the latents where the mask is 0. ``clip_skip``: the text encoder's layer, counted as
+    the WebUIs do (1 = last, 2 = penultimate; None = the model's own); ``prompt_embeds`` (P, 77·k, D) /
+    ``negative_prompt_embeds`` replace the encoding of ``prompts`` / ``negatives`` (diffusers' names).
     """
 
     prompts: list[str]
@@ -83,6 +87,10 @@ class Conditioning:
     strength: float = 1.0
     class_labels: Tensor | None = None
     classifier_scale: float = 0.0
+    keep: tuple[Tensor, Tensor] | None = None  # (latents, mask): keep the latents where the mask is 0 (KnownRegion)
+    clip_skip: int | None = None
+    prompt_embeds: Tensor | None = None
+    negative_prompt_embeds: Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.negatives) not in (1, len(self.prompts)):
@@ -93,5 +101,19 @@ class Conditioning:
     @classmethod
     def from_prompts(cls, prompt: str | list[str] | None, negative_prompt: str | list[str] | None = None,
                      **method: object) -> Conditioning:
-        """From a user's ``prompt`` and ``negative_prompt`` (a string or a list; None is empty)."""
-        return cls(as_prompt_list(prompt), as_prompt_list(negative_prompt, "negative_prompt"), **method)
+        """From a user's ``prompt`` and ``negative_prompt`` (a string or a list; None is empty), or their
+        ``prompt_embeds`` / ``negative_prompt_embeds`` in ``method`` (then a prompt given too is an error)."""
+        embeds, negative_embeds = method.get("prompt_embeds"), method.get("negative_prompt_embeds")
+        for name, text, tensor in (("prompt", prompt, embeds), ("negative_prompt", negative_prompt, negative_embeds)):
+            if tensor is None:
+                continue
+            if text is not None:
+                raise ValueError(f"{name} and {name}_embeds are both given; allowed: one of them")
+            if not isinstance(tensor, Tensor) or tensor.ndim != 3:
+                shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+                raise ValueError(f"{name}_embeds is {shape}; allowed: a tensor (batch, tokens, width)")
+        prompts = as_prompt_list(prompt) if embeds is None else [""] * embeds.shape[0]
+        negatives = as_prompt_list(negative_prompt, "negative_prompt")
+        if negative_embeds is not None:
+            negatives = [""] * negative_embeds.shape[0]
+        return cls(prompts, negatives, **method)

@@ -99,10 +99,15 @@ def test_output_types(ours: TextToImagePipeline, output_type: str) -> None:
         assert images.shape == (1, 4, 8, 8)
 
 
-def test_long_and_empty_prompts(ours: TextToImagePipeline, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING"):
-        ours("a red circle " * 40, num_inference_steps=2, progress=False)
-    assert "dropped" in caplog.text
+def test_a_200_token_prompt_is_not_cut(ours: TextToImagePipeline) -> None:
+    words = ("a red circle in the top left on a white background and " * 20).split()[:200]  # one token each
+    long, first = " ".join(words), " ".join(words[:75])
+    context, _ = ours.encode_prompts([long])
+    assert context.shape[1] == 3 * 77  # 75-token chunks, each with BOS/EOS and padding, as the WebUIs do
+    assert torch.equal(context[:, :77], ours.encode_prompts([first])[0])
+    call = dict(num_inference_steps=3, seed=2, progress=False, output_type="np")
+    difference = np.abs(ours(long, **call).images - ours(first, **call).images).max()
+    assert difference > 1e-3  # the tokens after the 75th change the image
     ours("", num_inference_steps=2, progress=False)
 
 

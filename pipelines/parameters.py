@@ -1,0 +1,77 @@
+"""How an image was made, in the A1111 "parameters" text that PNGs carry and the SD WebUIs read back:
+
+    a red circle in the top left
+    Negative prompt: blurry
+    Steps: 25, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 1234, Size: 64x64, Model: demo
+
+Values holding a comma, a quote or a line break are written as JSON strings, as the WebUI does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+_PAIR = re.compile(r'\s*([\w][\w \-/+()]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+@dataclasses.dataclass
+class GenerationParameters:
+    """``sampler`` is written under its A1111 name (``a1111_names`` maps ours to theirs); ``extra`` holds the other
+    ``Key: value`` pairs as text (e.g. "Batch size", "Batch pos", "Guidance interval")."""
+
+    prompt: str
+    negative_prompt: str | None
+    steps: int
+    sampler: str
+    guidance_scale: float
+    seed: int | None
+    width: int
+    height: int
+    model: str
+    extra: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_text(self, a1111_names: dict[str, str] | None = None) -> str:
+        pairs: dict[str, Any] = {
+            "Steps": self.steps, "Sampler": (a1111_names or {}).get(self.sampler, self.sampler),
+            "CFG scale": f"{self.guidance_scale:g}", "Seed": self.seed, "Size": f"{self.width}x{self.height}",
+            "Model": self.model, **self.extra,
+        }
+        lines = [self.prompt] + ([f"Negative prompt: {self.negative_prompt}"] if self.negative_prompt else [])
+        return "\n".join(lines + [", ".join(f"{k}: {_quote(str(v))}" for k, v in pairs.items() if v is not None)])
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "parameters") -> GenerationParameters:
+        """Parse the text ``to_text`` writes (and the WebUI's); ``ValueError`` naming ``source`` when the
+        steps, sampler, scale, seed or size are missing or malformed."""
+        lines = text.strip().split("\n")
+        pairs = {k: _unquote(v) for k, v in _PAIR.findall(lines[-1])} if len(lines) > 1 or "Steps:" in text else {}
+        body = lines[:-1] if pairs else lines
+        prompt, negative = [], []
+        for line in body:
+            (negative if negative or line.startswith("Negative prompt:") else prompt).append(line)
+        negative_text = "\n".join(negative)[len("Negative prompt:"):].strip() if negative else None
+        try:
+            width, height = (int(v) for v in pairs.pop("Size").split("x"))
+            return cls("\n".join(prompt), negative_text or None, int(pairs.pop("Steps")), pairs.pop("Sampler"),
+                       float(pairs.pop("CFG scale")), int(pairs.pop("Seed")), width, height,
+                       pairs.pop("Model", ""), pairs)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{source}: not generation parameters this toolkit wrote or can redo (needs Steps, "
+                             f"Sampler, CFG scale, Seed and Size; {type(err).__name__}: {err})") from None
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value) if any(c in value for c in ',"\n') else value
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    return json.loads(value) if value.startswith('"') else value
+
+
+def a1111_sampler_names() -> dict[str, str]:
+    """Our sampler names → the WebUI's (names without a WebUI counterpart are written as they are)."""
+    return {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "euler": "Euler", "euler_a": "Euler a"}
