@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from sd_fixtures import small_models
 
-from ldm_toolkit import cli
+from ldm_toolkit import cli, sampling
 from ldm_toolkit.cli import build_parser, main
 
 
@@ -41,6 +41,68 @@ def test_generate_writes_a_png_and_a_grid(models: dict[str, Path], tmp_path: Pat
     code, _, _ = run(["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "2", "-n", "4",
                       "-o", str(tmp_path / "grid.png")], capsys)
     assert code == 0 and Image.open(tmp_path / "grid.png").size == (32, 32)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    for i in range(4):  # each image is written too, and is the grid's cell
+        each = Image.open(tmp_path / f"grid-{i + 1}.png")
+        assert np.array_equal(np.asarray(each), grid[16 * (i // 2): 16 * (i // 2 + 1), 16 * (i % 2): 16 * (i % 2 + 1)])
+        assert f"Batch size: 4, Batch pos: {i}" in each.text["parameters"]
+
+
+def test_without_a_seed_each_run_differs_and_reports_its_seed(models: dict[str, Path], tmp_path: Path,
+                                                              capsys) -> None:
+    seeds, pixels = [], []
+    for name in ("a.png", "b.png"):
+        code, out, _ = run(["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "2",
+                            "-o", str(tmp_path / name)], capsys)
+        seed = int(out.split("(seed ")[1].split(")")[0])
+        assert code == 0 and f"Seed: {seed}," in Image.open(tmp_path / name).text["parameters"]
+        seeds.append(seed)
+        pixels.append(np.asarray(Image.open(tmp_path / name)))
+    assert seeds[0] != seeds[1] and not np.array_equal(*pixels)
+    code, _, _ = run(["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "2", "--seed",
+                      str(seeds[0]), "-o", str(tmp_path / "again.png")], capsys)
+    assert code == 0 and np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), pixels[0])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_from_png_makes_the_same_image_bit_for_bit(models: dict[str, Path], tmp_path: Path, capsys,
+                                                   batch: int) -> None:
+    first = ["generate", "a red circle, large", "--negative", "a \"blue\" square", "--model", str(models["t2i"]),
+             "--steps", "3", "--guidance", "5.5", "--sampler", "euler_a", "--guidance-interval", "0.5,inf",
+             "-n", str(batch), "-o", str(tmp_path / "first.png")]
+    assert run(first, capsys)[0] == 0
+    source = tmp_path / ("first.png" if batch == 1 else "first-2.png")  # one image of a batch: its own pixels
+    code, _, err = run(["generate", "--from-png", str(source), "-o", str(tmp_path / "again.png")], capsys)
+    assert code == 0, err
+    again = Image.open(tmp_path / "again.png")
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(source)))
+    assert again.text["parameters"] == Image.open(source).text["parameters"]
+
+
+def test_from_png_without_parameters_is_one_line(tmp_path: Path, capsys) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    code, _, err = run(["generate", "--from-png", str(tmp_path / "plain.png")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "carries no generation parameters" in err
+    code, _, err = run(["generate"], capsys)
+    assert code == 2 and "prompt is missing" in err
+
+
+def test_inpaint_keeps_the_unmasked_part_on_a_text_to_image_model(models: dict[str, Path], tmp_path: Path,
+                                                                  capsys) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    code, out, err = run(["inpaint", str(tmp_path / "image.png"), str(tmp_path / "mask.png"), "a red circle",
+                          "--model", str(models["t2i"]), "--steps", "3", "--seed", "1", "-o", str(tmp_path / "o.png")],
+                         capsys)
+    assert code == 0 and "(seed 1)" in out, err
+    written = Image.open(tmp_path / "o.png")
+    assert written.size == (16, 16) and "Denoising strength: 1, Mask blur: 0" in written.text["parameters"]
+    code, _, err = run(["inpaint", str(tmp_path / "image.png"), str(tmp_path / "nope.png"), "x",
+                        "--model", str(models["t2i"]), "-o", str(tmp_path / "o.png")], capsys)
+    assert code == 2 and "mask_image='" in err and "is not a readable image" in err
 
 
 def test_classifier_guided_generation(models: dict[str, Path], tmp_path: Path, capsys) -> None:
@@ -181,8 +243,8 @@ def test_device_auto_is_the_default_and_picks_cpu_here(models: dict[str, Path], 
         devices.append(pipe.device)
         return pipe
 
-    load_pipeline = cli._pipeline
-    monkeypatch.setattr(cli, "_pipeline", pipeline)
+    load_pipeline = sampling.pipeline
+    monkeypatch.setattr(sampling, "pipeline", pipeline)
     code, _, err = run(["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "2",
                         "-o", str(tmp_path / "a.png")], capsys)
     assert code == 0, err
@@ -193,7 +255,7 @@ def test_device_auto_is_the_default_and_picks_cpu_here(models: dict[str, Path], 
 @pytest.mark.parametrize("command", [["generate", "a red circle"], ["upscale", "low.png"], ["eval", "clip"]])
 def test_unavailable_device_gives_one_line_before_loading(tmp_path: Path, capsys, monkeypatch, cpu_only, device: str,
                                                            command: list[str]) -> None:
-    monkeypatch.setattr(cli, "_pipeline", lambda *args: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(sampling, "pipeline", lambda *args: pytest.fail("a model was loaded"))
     monkeypatch.setattr("pipelines.evaluation.run_evaluation", lambda *args: pytest.fail("an evaluation ran"))
     code, _, err = run([*command, "--model", str(tmp_path / "missing"), "--device", device], capsys)
     assert code == 2
@@ -216,7 +278,7 @@ def test_pngs_carry_their_generation_parameters(models: dict[str, Path], tmp_pat
     prompt, negative, settings = text.split("\n")
     assert (prompt, negative) == ("a red circle", "Negative prompt: a blue square")
     fields = dict(pair.split(": ", 1) for pair in settings.split(", "))
-    assert fields["Steps"] == "3" and fields["Sampler"] == "Euler a" and fields["CFG scale"] == "4.0"
+    assert fields["Steps"] == "3" and fields["Sampler"] == "Euler a" and fields["CFG scale"] == "4"
     assert fields["Seed"] == "7" and fields["Size"] == "16x16" and fields["Model"] == str(models["t2i"])
 
 
@@ -224,14 +286,14 @@ def test_ctrl_c_while_generating_is_one_line_and_status_130(tmp_path: Path, caps
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_pipeline", interrupted)
+    monkeypatch.setattr(sampling, "pipeline", interrupted)
     assert main(["generate", "a red circle", "-o", str(tmp_path / "out.png")]) == 130
     assert capsys.readouterr().err == "ldm: interrupted (Ctrl-C)\n"
 
 
 @pytest.mark.parametrize("case", ["folder", "missing", "jpeg"])
 def test_bad_output_paths_fail_before_a_model_is_loaded(tmp_path: Path, capsys, monkeypatch, case: str) -> None:
-    monkeypatch.setattr(cli, "_pipeline", lambda *args: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(sampling, "pipeline", lambda *args: pytest.fail("a model was loaded"))
     output = {"folder": tmp_path, "missing": tmp_path / "no" / "x.png", "jpeg": tmp_path / "x.jpg"}[case]
     assert main(["generate", "a red circle", "-o", str(output)]) == 2
     err = capsys.readouterr().err
