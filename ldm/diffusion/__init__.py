@@ -3,11 +3,12 @@
 from ldm.diffusion.denoiser import Denoiser, as_denoiser
 from ldm.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from ldm.diffusion.objectives import condition_dropout_mask, diffusion_loss, drop_conditions, min_snr_weight
-from ldm.diffusion.samplers import SAMPLERS, initial_state, sample
+from ldm.diffusion.samplers import A1111_NAMES, SAMPLERS, initial_state, resolve_sampler, sample
 from ldm.diffusion.schedule import NoiseSchedule, make_betas
 from ldm.diffusion.timesteps import make_timesteps, strength_timesteps
 
 __all__ = [
+    "A1111_NAMES",
     "SAMPLERS",
     "ClassifierFreeGuidance",
     "ClassifierGuidance",
@@ -21,6 +22,7 @@ __all__ = [
     "make_betas",
     "make_timesteps",
     "min_snr_weight",
+    "resolve_sampler",
     "sample",
     "strength_timesteps",
 ]

@@ -8,6 +8,7 @@ This module is the one place that turns the network's ε / v / x_0 output into x
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -41,14 +42,36 @@ class Denoiser:
     def __init__(self, net: Network, schedule: NoiseSchedule, prediction_type: str = "epsilon") -> None:
         self.net, self.schedule = net, schedule
         self.prediction_type = normalize_prediction_type(prediction_type)
+        self.grid: tuple[Tensor, Tensor] | None = None  # (σ_i, t_i) of a sampler's grid; see on_grid
+
+    def on_grid(self, sigmas: Tensor, timesteps: Tensor) -> Denoiser:
+        """A copy that calls the network at ``timesteps[i]`` for σ = ``sigmas[i]`` and at the log-σ interpolated
+        ``schedule.sigma_to_t`` for any other σ: the timesteps diffusers' schedulers feed the network, which for
+        Karras / exponential σ (rounded by the DPM-Solver family) and DPM++ SDE's midpoints are not the inverse of
+        ``sigma_at`` that ``timestep`` is without a grid."""
+        bound = copy.copy(self)
+        n = min(len(sigmas), len(timesteps))
+        bound.grid = (torch.as_tensor(sigmas[:n], dtype=torch.float64), torch.as_tensor(timesteps[:n]).double())
+        return bound
 
     def timestep(self, sigma: Sigma) -> Tensor:
-        """t(σ) (float64): the inverse of ``schedule.sigma_at`` (linear in σ between training steps)."""
+        """t(σ) (float64): the inverse of ``schedule.sigma_at`` (linear in σ between training steps), or on a
+        grid (``on_grid``) the grid's own timesteps."""
+        if self.grid is not None:
+            return self._grid_timestep(sigma)
         sigmas = self.schedule.sigmas  # (T,), increasing in t
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=sigmas.device)
         low = (torch.searchsorted(sigmas, sigma.reshape(-1), right=True) - 1).clamp(0, sigmas.numel() - 2)
         w = (sigma.reshape(-1) - sigmas[low]) / (sigmas[low + 1] - sigmas[low])
         return (low + w).clamp(0, sigmas.numel() - 1).reshape(sigma.shape)
+
+    def _grid_timestep(self, sigma: Sigma) -> Tensor:
+        grid_sigmas, grid_t = self.grid
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=grid_sigmas.device)
+        flat = sigma.reshape(-1)
+        hit = flat[:, None] == grid_sigmas[None, :]  # (n, G): which grid σ each σ is
+        t = torch.where(hit.any(dim=1), grid_t[hit.int().argmax(dim=1)], self.schedule.sigma_to_t(flat))
+        return t.reshape(sigma.shape)
 
     def network_input(self, x: Tensor, sigma: Sigma) -> tuple[Tensor, Tensor]:
         """The VP sample x_t = x / √(σ²+1) and its timestep t(σ), shape (B,) float32, as the network takes them."""
@@ -79,6 +102,37 @@ class Denoiser:
 
     def __call__(self, x: Tensor, sigma: Sigma, *cond: Any) -> Tensor:
         return self.denoise(x, sigma, *cond)[0]
+
+
+class ConsistencyBoundary:
+    """A consistency model's output f(x, t) = c_skip(t) x_t + c_out(t) x̂_0 (Song et al. 2023, §3) with LCM's
+    scalings c_skip = σ_d² / ((s t)² + σ_d²), c_out = s t / √((s t)² + σ_d²), σ_d = 0.5 and s =
+    ``timestep_scaling`` over the network's timestep t (Luo et al. 2023; diffusers' LCMScheduler). x_t is the VP
+    sample, so f → x_t as t → 0. Wraps any denoiser that has ``network_input`` (a Denoiser or guidance)."""
+
+    def __init__(self, denoiser: Any, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> None:
+        self.denoiser, self.timestep_scaling, self.sigma_data = denoiser, timestep_scaling, sigma_data
+
+    def network_input(self, x: Tensor, sigma: Sigma) -> tuple[Tensor, Tensor]:
+        return self.denoiser.network_input(x, sigma)
+
+    def denoise(self, x: Tensor, sigma: Sigma) -> tuple[Tensor, Tensor]:
+        x0, _ = self.denoiser.denoise(x, sigma)
+        x_t, t = self.network_input(x, sigma)
+        scaled = t.double() * self.timestep_scaling  # (B,)
+        c_skip = self.sigma_data**2 / (scaled**2 + self.sigma_data**2)
+        c_out = scaled / (scaled**2 + self.sigma_data**2).sqrt()
+        f = broadcast(c_skip, x) * x_t + broadcast(c_out, x) * x0
+        return f, (x - f) / broadcast(_sigma64(sigma), x)
+
+    def __call__(self, x: Tensor, sigma: Sigma) -> Tensor:
+        return self.denoise(x, sigma)[0]
+
+
+def on_grid(denoiser: Any, sigmas: Tensor, timesteps: Tensor) -> Any:
+    """``denoiser.on_grid(sigmas, timesteps)`` where it has one (a Denoiser, guidance over one), else ``denoiser``."""
+    bind = getattr(denoiser, "on_grid", None)
+    return bind(sigmas, timesteps) if callable(bind) else denoiser
 
 
 def as_denoiser(model: Any, schedule: NoiseSchedule, prediction_type: str = "epsilon") -> DenoiserLike:

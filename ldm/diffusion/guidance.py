@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldm.diffusion.denoiser import Denoiser, DenoiserLike, Sigma, as_denoiser
+from ldm.diffusion.denoiser import Denoiser, DenoiserLike, Sigma, as_denoiser, on_grid
 from ldm.diffusion.schedule import NoiseSchedule, broadcast
 from ldm.validation import check_float, check_same_shape
 
@@ -53,6 +53,12 @@ class Guidance:
         """This guidance over ``as_denoiser(denoiser, schedule, prediction_type)`` (a copy)."""
         bound = copy.copy(self)
         bound.denoiser = as_denoiser(self.denoiser, schedule, prediction_type)
+        return bound
+
+    def on_grid(self, sigmas: Tensor, timesteps: Tensor) -> Guidance:
+        """This guidance over the wrapped denoiser on a sampler's grid (a copy; see Denoiser.on_grid)."""
+        bound = copy.copy(self)
+        bound.denoiser = on_grid(self.inner(), sigmas, timesteps)
         return bound
 
     def inner(self) -> DenoiserLike:

@@ -4,50 +4,39 @@ Every sampler takes the state x = x_0 + σ_0 ε at ``sigmas[0]`` in the variance
 (Karras et al. 2022), steps through the descending ``sigmas`` and returns the state at
 ``sigmas[-1]`` (0, or DDIM's final σ). It knows nothing of networks, prediction types or
 guidance (see ldm.diffusion.denoiser); randomness comes only from the ``generator`` passed in.
-``sample`` lays out the timestep grid of the matching diffusers scheduler, makes the denoiser
-and converts between the VP form x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε and this one.
+``sample`` lays out the timestep grid of the matching diffusers scheduler (or its Karras /
+exponential σ, ``sigma_spacing``), makes the denoiser and converts between the VP form
+x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε and this one. The first-order samplers and DPM-Solver++(2M) live here;
+the other multistep ones in samplers_multistep, the single-step ones in samplers_singlestep.
+A1111's sampler names ("DPM++ 2M Karras", …) resolve to (sampler, σ spacing): ``resolve_sampler``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from ldm.diffusion.denoiser import as_denoiser
-from ldm.diffusion.schedule import NoiseSchedule, broadcast, posterior_mean
-from ldm.diffusion.timesteps import make_timesteps, strength_timesteps
+from ldm.diffusion.denoiser import ConsistencyBoundary, DenoiserLike, as_denoiser, on_grid
+from ldm.diffusion.samplers_multistep import sample_dpmpp_2m_sde, sample_lms, sample_unipc
+from ldm.diffusion.samplers_singlestep import sample_dpmpp_sde, sample_heun, sample_lcm
+from ldm.diffusion.schedule import NoiseSchedule, posterior_mean
+from ldm.diffusion.steps import DenoiserFn, StepCallback, ancestral_step, randn_like, sigma_steps  # noqa: F401 (re-exported)
+from ldm.diffusion.timesteps import (
+    SIGMA_SPACINGS,
+    lcm_timesteps,
+    make_timesteps,
+    spaced_sigmas,
+    strength_timesteps,
+)
 from ldm.validation import check_choice, check_float, check_same_shape
 
 # What ``sample`` takes: a network (x_t, t) -> prediction, or a denoiser (see as_denoiser)
 Model = Callable[[Tensor, Tensor], Tensor]
 # callback(step_index, t, x_t after the step (VP), x̂_0), as ``sample`` reports steps
 Callback = Callable[[int, Tensor, Tensor, Tensor], None]
-# callback(step_index, σ, x after the step (VE), x̂_0), as the samplers report steps
-StepCallback = Callable[[int, float, Tensor, Tensor], None]
-DenoiserFn = Callable[[Tensor, float], Tensor]
-
-
-def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Unit Gaussian noise shaped like ``x``, drawn on the generator's device (CPU seeds everywhere)."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-
-
-def _steps(sigmas: Tensor, progress: bool) -> Iterable[tuple[int, tuple[float, float]]]:
-    """(i, (σ_i, σ_{i+1})) as Python floats, behind a progress bar."""
-    s = sigmas.tolist()
-    return enumerate(tqdm(list(zip(s[:-1], s[1:])), disable=not progress, leave=False))
-
-
-def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
-    """(σ_up, σ_down) with σ_down² + σ_up² = σ_next²: a step to σ_next split into a deterministic step to
-    σ_down and fresh noise of std σ_up; η = 1 is the DDPM posterior's std (Song et al. 2021, eq. 16), as k-diffusion."""
-    sigma_up = min(sigma_next, eta * math.sqrt(max(sigma_next**2 * (sigma**2 - sigma_next**2), 0.0) / sigma**2))
-    return sigma_up, math.sqrt(sigma_next**2 - sigma_up**2)
 
 
 def sample_ddpm(
@@ -67,7 +56,7 @@ def sample_ddpm(
     'large' (β = 1 - ᾱ_t/ᾱ_{t'}, the stride's beta). The step to σ' = 0 adds no noise.
     """
     check_choice("variance", variance, ("small", "large"))
-    for i, (sigma, sigma_next) in _steps(sigmas, progress):
+    for i, (sigma, sigma_next) in sigma_steps(sigmas, progress):
         x0 = denoiser(x, sigma)
         x = posterior_mean(x0, x, sigma, sigma_next)
         if sigma_next > 0:
@@ -91,7 +80,7 @@ def sample_euler(
     progress: bool = False,
 ) -> Tensor:
     """Euler's method on the probability-flow ODE in σ (Karras et al. 2022, Alg. 1 without churn)."""
-    for i, (sigma, sigma_next) in _steps(sigmas, progress):
+    for i, (sigma, sigma_next) in sigma_steps(sigmas, progress):
         x0 = denoiser(x, sigma)
         d = (x - x0) / sigma  # dx/dσ (Karras et al. 2022, eq. 4)
         x = x + d * (sigma_next - sigma)
@@ -112,7 +101,7 @@ def sample_euler_ancestral(
 ) -> Tensor:
     """Euler ancestral: an Euler step to σ_down, then fresh noise of std σ_up (k-diffusion, ``ancestral_step``)."""
     check_float("eta", eta, 0.0)
-    for i, (sigma, sigma_next) in _steps(sigmas, progress):
+    for i, (sigma, sigma_next) in sigma_steps(sigmas, progress):
         x0 = denoiser(x, sigma)
         sigma_up, sigma_down = ancestral_step(sigma, sigma_next, eta)
         d = (x - x0) / sigma
@@ -159,7 +148,7 @@ def sample_dpmpp_2m(
     step (to σ = 0) returns x̂_0.
     """
     x0_prev, h_prev = None, 0.0
-    for i, (sigma, sigma_next) in _steps(sigmas, progress):
+    for i, (sigma, sigma_next) in sigma_steps(sigmas, progress):
         x0 = denoiser(x, sigma)
         if sigma_next == 0:
             x = x0
@@ -180,17 +169,82 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "euler": sample_euler,
     "euler_a": sample_euler_ancestral,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_sde": sample_dpmpp_sde,
+    "heun": sample_heun,
+    "lms": sample_lms,
+    "unipc": sample_unipc,
+    "lcm": sample_lcm,
 }
-# Each sampler's default spacing and timestep grid, as in the matching diffusers scheduler:
-# the Euler samplers take fractional timesteps, DPM-Solver lays out N+1 points and drops t≈0.
+# Each sampler's default spacing and timestep grid, as in the matching diffusers scheduler: the ODE samplers
+# in σ take fractional timesteps, the DPM-Solver family lays out N+1 points and drops t≈0. LCM lays out its
+# own grid (lcm_timesteps); its scheduler's "leading" is unused.
 DEFAULT_SPACING = {
-    "ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "euler_a": "linspace"
+    "ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "euler_a": "linspace",
+    "dpmpp_2m_sde": "linspace", "dpmpp_sde": "linspace", "heun": "linspace", "lms": "linspace", "unipc": "linspace",
+    "lcm": "leading",
 }
-GRID = {"euler": {"continuous": True}, "euler_a": {"continuous": True}, "dpmpp_2m": {"exclude_final": True}}
-# Spacings whose first step is the last training step; there the Euler samplers start pure noise
-# at x = σ_max ε in the VE form, as k-diffusion and diffusers do (elsewhere at the exact √(σ²+1) ε).
+_CONTINUOUS = ("euler", "euler_a", "dpmpp_sde", "heun", "lms")
+_DPM_FAMILY = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
+GRID = {**{name: {"continuous": True} for name in _CONTINUOUS},
+        **{name: {"exclude_final": True} for name in _DPM_FAMILY}}
+# Spacings whose first step is the last training step; there the σ-space samplers start pure noise at
+# x = σ_max ε in the VE form, as k-diffusion and diffusers do (elsewhere at the exact √(σ²+1) ε).
 _SIGMA_MAX_SPACINGS = ("linspace", "trailing")
-_VE_SAMPLERS = ("euler", "euler_a")
+_VE_SAMPLERS = _CONTINUOUS
+# The samplers whose diffusers scheduler has use_karras_sigmas / use_exponential_sigmas (EulerAncestral has
+# not; ours spaces it as Euler). The DPM-Solver family spans σ(0)..σ(T-1) and calls the network at integer
+# timesteps (t(σ) rounded for Karras, truncated by diffusers' int64 cast for exponential); the others span their
+# timestep grid's σ and call it at the fractional t(σ) (NoiseSchedule.sigma_to_t).
+SIGMA_SPACING_SAMPLERS = _CONTINUOUS + _DPM_FAMILY
+# LCMScheduler's configuration: the distillation's timestep count and its boundary-condition time scale
+LCM_ORIGINAL_STEPS, LCM_TIMESTEP_SCALING = 50, 10.0
+
+# A1111 (AUTOMATIC1111 WebUI) sampler names → (sampler, σ spacing); matched ignoring case
+A1111_NAMES: dict[str, tuple[str, str | None]] = {
+    "Euler": ("euler", None), "Euler a": ("euler_a", None), "Heun": ("heun", None), "LMS": ("lms", None),
+    "LMS Karras": ("lms", "karras"), "DPM++ 2M": ("dpmpp_2m", None), "DPM++ 2M Karras": ("dpmpp_2m", "karras"),
+    "DPM++ 2M SDE": ("dpmpp_2m_sde", None), "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"),
+    "DPM++ SDE": ("dpmpp_sde", None), "DPM++ SDE Karras": ("dpmpp_sde", "karras"), "DDIM": ("ddim", None),
+    "UniPC": ("unipc", None), "LCM": ("lcm", None), "DDPM": ("ddpm", None),
+}
+_A1111_LOWER = {name.lower(): value for name, value in A1111_NAMES.items()}
+
+
+def resolve_sampler(name: str) -> tuple[str, dict[str, str]]:
+    """(sampler, options) for a name of SAMPLERS or an A1111 name: "DPM++ 2M Karras" → ("dpmpp_2m",
+    {"sigma_spacing": "karras"}), "euler" → ("euler", {})."""
+    if isinstance(name, str) and name in SAMPLERS:
+        return name, {}
+    sampler, spacing = _A1111_LOWER.get(name.lower(), (None, None)) if isinstance(name, str) else (None, None)
+    if sampler is None:
+        ours, theirs = ", ".join(map(repr, SAMPLERS)), ", ".join(map(repr, A1111_NAMES))
+        raise ValueError(f"sampler={name!r} is not supported; allowed: {ours}, or an A1111 name: {theirs}")
+    return sampler, {} if spacing is None else {"sigma_spacing": spacing}
+
+
+def canonical_sampler(name: str, sigma_spacing: str | None = None) -> tuple[str, str | None]:
+    """(sampler of SAMPLERS, σ spacing or None) for ``name`` (ours or A1111's) and an explicit ``sigma_spacing``
+    ('karras' | 'exponential' | None), checked: the two must agree, and the sampler must take a σ spacing."""
+    sampler, options = resolve_sampler(name)
+    implied = options.get("sigma_spacing")
+    if sigma_spacing is not None and implied is not None and sigma_spacing != implied:
+        raise ValueError(f"sigma_spacing={sigma_spacing!r} contradicts sampler={name!r}, which implies {implied!r}")
+    spacing = implied if sigma_spacing is None else sigma_spacing
+    if spacing is not None:
+        check_choice("sigma_spacing", spacing, SIGMA_SPACINGS)
+        if sampler not in SIGMA_SPACING_SAMPLERS:
+            allowed = ", ".join(map(repr, SIGMA_SPACING_SAMPLERS))
+            raise ValueError(f"sigma_spacing={spacing!r} is not supported by sampler {sampler!r}; "
+                             f"allowed with: {allowed}")
+    return sampler, spacing
+
+
+def a1111_name(sampler: str, sigma_spacing: str | None = None) -> str:
+    """The A1111 name of (sampler, σ spacing), e.g. ("dpmpp_2m", "karras") → "DPM++ 2M Karras"; ours where A1111
+    has none."""
+    names = {value: name for name, value in A1111_NAMES.items()}
+    return names.get((sampler, sigma_spacing), sampler if sigma_spacing is None else f"{sampler} {sigma_spacing}")
 
 
 def sampler_sigmas(sampler: str, schedule: NoiseSchedule, timesteps: Tensor) -> Tensor:
@@ -198,6 +252,52 @@ def sampler_sigmas(sampler: str, schedule: NoiseSchedule, timesteps: Tensor) -> 
     ends at ᾱ_0 (σ at t = 0), as Stable Diffusion's configuration does (``set_alpha_to_one=False``)."""
     final = schedule.sigmas[:1] if sampler == "ddim" else torch.zeros(1, dtype=torch.float64)
     return torch.cat([schedule.sigma_at(timesteps), final])
+
+
+def sampler_grid(
+    sampler: str,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    spacing: str | None = None,
+    steps_offset: int = 0,
+    sigma_spacing: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(timesteps (N,) float32, σ (N+1,) float64) that ``sampler`` visits in ``num_steps`` steps, as the matching
+    diffusers scheduler lays them out: σ(t) on its timestep grid, or with ``sigma_spacing`` the Karras /
+    exponential σ between the ends of SIGMA_SPACING_SAMPLERS' range and the timesteps the network sees there."""
+    sampler, sigma_spacing = canonical_sampler(sampler, sigma_spacing)
+    if sampler == "lcm":
+        timesteps = lcm_timesteps(num_steps, schedule.num_train_timesteps, LCM_ORIGINAL_STEPS)
+    else:
+        spacing = spacing or DEFAULT_SPACING[sampler]
+        grid = GRID.get(sampler, {})
+        timesteps = make_timesteps(num_steps, schedule.num_train_timesteps, spacing, steps_offset, **grid)
+    sigmas = sampler_sigmas(sampler, schedule, timesteps)
+    if sigma_spacing is None:
+        return timesteps, sigmas
+    low, high = schedule.sigmas[[0, -1]] if sampler in _DPM_FAMILY else sigmas[[-2, 0]]
+    spaced = spaced_sigmas(sigma_spacing, low.item(), high.item(), num_steps)
+    t = schedule.sigma_to_t(spaced)
+    if sampler in _DPM_FAMILY:
+        t = t.round() if sigma_spacing == "karras" else t.trunc()
+    return t.float(), torch.cat([spaced, sigmas[-1:]])
+
+
+def start_state(
+    sampler: str, noise: Tensor, sigma: float, x0: Tensor | None = None, spacing: str | None = None
+) -> Tensor:
+    """The VE state x at σ = ``sigma`` that ``sampler`` starts from.
+
+    With ``x0`` (image-to-image): x_0 + σ ε, the forward process with this ``noise``. Without: pure noise,
+    √(σ²+1) ε (unit variance in the VP form), except for the σ-space samplers on a spacing that starts at the
+    last training step (their default), which start at σ ε, as diffusers' schedulers of them do.
+    """
+    check_choice("sampler", sampler, SAMPLERS)
+    if x0 is not None:
+        check_same_shape("x0", x0.shape, noise.shape)
+        return x0 + sigma * noise
+    at_sigma_max = sampler in _VE_SAMPLERS and (spacing or DEFAULT_SPACING[sampler]) in _SIGMA_MAX_SPACINGS
+    return noise * (sigma if at_sigma_max else math.sqrt(sigma**2 + 1))
 
 
 def initial_state(
@@ -208,22 +308,20 @@ def initial_state(
     x0: Tensor | None = None,
     spacing: str | None = None,
 ) -> Tensor:
-    """The VP state at ``t_start`` that ``sampler`` starts from.
+    """The VP state at ``t_start`` that ``sampler`` starts from: ``start_state`` at σ(t_start), divided by √(σ²+1).
 
-    With ``x0`` (image-to-image): the forward process q(x_t | x_0) with this ``noise``.
-    Without: pure noise — unit variance, except for the Euler samplers on a spacing that starts
-    at the last training step (default for them), which start at σ_max ε in the VE form, i.e.
-    √(1-ᾱ) ε here, as diffusers' Euler schedulers do.
+    With ``x0`` (image-to-image): the forward process q(x_t | x_0) with this ``noise``. Without: unit-variance
+    noise, or √(1-ᾱ) ε for the σ-space samplers on their default spacings (σ_max ε in the VE form).
     """
-    check_choice("sampler", sampler, SAMPLERS)
-    spacing = spacing or DEFAULT_SPACING[sampler]
-    t = torch.full((noise.shape[0],), float(t_start), dtype=torch.float64)
-    if x0 is not None:
-        check_same_shape("x0", x0.shape, noise.shape)
-        return schedule.q_sample(x0, t, noise)
-    if sampler in _VE_SAMPLERS and spacing in _SIGMA_MAX_SPACINGS:
-        return noise * broadcast((1 - schedule.alpha_bar_at(t)).sqrt(), noise)
-    return noise
+    sigma = schedule.sigma_at(float(t_start)).item()
+    return start_state(sampler, noise, sigma, x0, spacing) / math.sqrt(sigma**2 + 1)
+
+
+def grid_denoiser(sampler: str, denoiser: DenoiserLike, sigmas: Tensor, timesteps: Tensor) -> DenoiserLike:
+    """``denoiser`` as ``sampler`` calls it on this grid: at the grid's timesteps (``on_grid``), and for LCM inside
+    its consistency boundary condition (ConsistencyBoundary at LCM_TIMESTEP_SCALING)."""
+    bound = on_grid(denoiser, sigmas, timesteps)
+    return ConsistencyBoundary(bound, LCM_TIMESTEP_SCALING) if sampler == "lcm" else bound
 
 
 def _report_timesteps(callback: Callback | None, timesteps: Tensor, sigmas: Tensor) -> StepCallback | None:
@@ -246,6 +344,7 @@ def sample(
     strength: float = 1.0,
     timestep_spacing: str | None = None,
     steps_offset: int = 0,
+    sigma_spacing: str | None = None,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     progress: bool = False,
@@ -253,21 +352,24 @@ def sample(
 ) -> Tensor:
     """Run ``sampler`` for ``num_steps`` from ``noise`` (or from ``x0`` noised to ``strength``); returns VP x_0.
 
+    ``sampler`` is a name of SAMPLERS or an A1111 name ("DPM++ 2M Karras"); ``sigma_spacing`` ('karras' |
+    'exponential') replaces the grid's σ as diffusers' ``use_karras_sigmas`` / ``use_exponential_sigmas`` do.
     ``model`` is a network (x_t, t) -> prediction of ``prediction_type``, or a denoiser (a
     :class:`~ldm.diffusion.denoiser.Denoiser`, or guidance over one or over a bare network; see
-    ``as_denoiser``). ``options`` go to the sampler (``eta`` for DDIM, ``variance`` for DDPM).
+    ``as_denoiser``). ``options`` go to the sampler (``eta`` for DDIM, ``variance`` for DDPM, ``order`` for LMS
+    and UniPC, ``noise_seed`` for DPM++ SDE).
     """
-    check_choice("sampler", sampler, SAMPLERS)
+    sampler, sigma_spacing = canonical_sampler(sampler, sigma_spacing)
     denoiser = as_denoiser(model, schedule, prediction_type)
     spacing = timestep_spacing or DEFAULT_SPACING[sampler]
-    timesteps = make_timesteps(num_steps, schedule.num_train_timesteps, spacing, steps_offset, **GRID.get(sampler, {}))
+    timesteps, sigmas = sampler_grid(sampler, schedule, num_steps, spacing, steps_offset, sigma_spacing)
     if x0 is not None:
         timesteps = strength_timesteps(timesteps, strength)
+        sigmas = sigmas[-len(timesteps) - 1 :]
     elif strength != 1.0:
         raise ValueError(f"strength={strength!r} needs an x0 to start from; allowed without x0: 1.0")
-    sigmas = sampler_sigmas(sampler, schedule, timesteps)
-    x = initial_state(sampler, noise, schedule, timesteps[0].item(), x0, spacing)
-    x = x * math.sqrt(sigmas[0].item() ** 2 + 1)  # VP → VE: x = x_0 + σ ε
+    x = start_state(sampler, noise, sigmas[0].item(), x0, spacing)
     report = _report_timesteps(callback, timesteps, sigmas)
+    denoiser = grid_denoiser(sampler, denoiser, sigmas, timesteps)
     x = SAMPLERS[sampler](denoiser, x, sigmas, generator=generator, callback=report, progress=progress, **options)
     return x / math.sqrt(sigmas[-1].item() ** 2 + 1)  # VE → VP (only DDIM ends above σ = 0)

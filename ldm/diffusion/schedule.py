@@ -135,6 +135,17 @@ class NoiseSchedule:
         w = t - low
         return (1 - w) * self.sigmas[low] + w * self.sigmas[high]
 
+    def sigma_to_t(self, sigma: Tensor | float) -> Tensor:
+        """t(σ) (float64) interpolating log σ between training steps, clamped to [0, T-1]: where diffusers'
+        schedulers (and k-diffusion) call the network for a σ they place themselves (Karras or exponential
+        spacing, DPM++ SDE's midpoints). Not the inverse of ``sigma_at``, which is linear in σ."""
+        log_sigmas = self.sigmas.log()  # (T,), increasing in t
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float64).clamp(min=1e-10).log()
+        flat = log_sigma.reshape(-1)
+        low = (torch.searchsorted(log_sigmas, flat, right=True) - 1).clamp(0, log_sigmas.numel() - 2)
+        w = ((log_sigmas[low] - flat) / (log_sigmas[low] - log_sigmas[low + 1])).clamp(0, 1)
+        return (low + w).reshape(log_sigma.shape)
+
     def alpha_bar_at(self, t: Tensor | float) -> Tensor:
         """ᾱ(t) (float64); exact at integer t, through the interpolated σ(t) in between."""
         t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_train_timesteps - 1)

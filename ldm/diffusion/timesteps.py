@@ -1,11 +1,14 @@
-"""Which training timesteps a sampler visits, and where image-to-image starts.
+"""Which training timesteps a sampler visits, which noise levels in place of them, and where image-to-image starts.
 
 The spacings follow Lin et al. 2023, Table 2 ("Common diffusion noise schedules and sample
 steps are flawed"), with the conventions of the diffusers schedulers so that the same names
-give the same steps.
+give the same steps. The σ spacings (Karras, exponential) replace a grid's noise levels, as
+diffusers' ``use_karras_sigmas`` / ``use_exponential_sigmas`` do.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -16,6 +19,8 @@ from ldm.validation import check_choice, check_float, check_int
 # leading:  t = k·⌊T/N⌋ + offset (SD's DDIM/PNDM default);  trailing: t = round(T - k·T/N) - 1;
 # linspace: N evenly spaced t in [0, T-1] (Euler's and DPM-Solver's default).
 SPACINGS = ("leading", "linspace", "trailing")
+# karras: σ^{1/ρ} evenly spaced, ρ = 7 (Karras et al. 2022, eq. 5);  exponential: log σ evenly spaced.
+SIGMA_SPACINGS = ("karras", "exponential")
 
 
 def make_timesteps(
@@ -50,6 +55,28 @@ def make_timesteps(
         steps = np.linspace(0, T - 1, points)[::-1][:n]
         steps = steps if continuous else steps.round()
     return torch.from_numpy(steps.astype(np.float32).copy())
+
+
+def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> Tensor:
+    """``num_steps`` descending noise levels from ``sigma_max`` to ``sigma_min`` (float64) in a σ spacing of
+    SIGMA_SPACINGS: 'karras' (Karras et al. 2022, eq. 5) or 'exponential' (k-diffusion's get_sigmas_exponential)."""
+    check_choice("sigma_spacing", kind, SIGMA_SPACINGS)
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    if kind == "karras":
+        low, high = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        return (high + ramp * (low - high)) ** rho
+    return torch.exp(math.log(sigma_max) + ramp * (math.log(sigma_min) - math.log(sigma_max)))
+
+
+def lcm_timesteps(num_steps: int, num_train_timesteps: int = 1000, original_steps: int = 50) -> Tensor:
+    """Descending timesteps (float32) of an LCM sampler: ``num_steps`` of the ``original_steps`` timesteps
+    k·⌊T/N'⌋ - 1 (k = 1..N') the model was distilled on, skipping evenly from the last (Luo et al. 2023;
+    diffusers' LCMScheduler, ``original_inference_steps``)."""
+    check_int("original_inference_steps", original_steps, 1, num_train_timesteps)
+    check_int("num_steps", num_steps, 1, original_steps)
+    origin = (np.arange(1, original_steps + 1) * (num_train_timesteps // original_steps) - 1)[::-1]
+    index = np.floor(np.linspace(0, original_steps, num_steps, endpoint=False)).astype(np.int64)
+    return torch.from_numpy(origin[index].astype(np.float32).copy())
 
 
 def strength_timesteps(timesteps: Tensor, strength: float) -> Tensor:
