@@ -1,11 +1,12 @@
-"""Peak memory and time of text-to-image at the native size and at 4× its area, with and
-without tiled VAE decoding, on a random-weight SD v1-layout model at reduced width.
+"""Peak memory and time of each memory switch, each case in its own process (so that its peak is its own):
 
-Each case runs in its own process so that its peak resident memory (CPU) or peak CUDA
-allocation is its own.
+- the Stable Diffusion VAE (random weights, SD v1 layout: 128 base channels, f = 8) decoding one 1024x1024 image
+  whole and in tiles (``enable_vae_tiling``: 64-latent tiles overlapping by 16);
+- text-to-image on a reduced-width SD v1-layout model at 512x512, batch 2, 5 steps: plain, attention slicing,
+  VAE slicing, VAE tiling.
 
-    python benchmarks/pipeline_memory.py                 # CPU
-    python benchmarks/pipeline_memory.py --device cuda
+    OMP_NUM_THREADS=2 python benchmarks/pipeline_memory.py                 # CPU: peak resident memory
+    python benchmarks/pipeline_memory.py --device cuda                     # GPU: peak CUDA allocation
 """
 
 from __future__ import annotations
@@ -17,10 +18,17 @@ import subprocess
 import sys
 import time
 
-CASES = [("native", 1, None), ("4x area", 2, None), ("4x area, tiled", 2, 32)]
+CASES = {
+    "vae 1024, whole": ("vae", None),
+    "vae 1024, tiled": ("vae", "tiling"),
+    "t2i 512 x2, plain": ("t2i", None),
+    "t2i 512 x2, attention slicing": ("t2i", "attention"),
+    "t2i 512 x2, vae slicing": ("t2i", "vae_slicing"),
+    "t2i 512 x2, vae tiling": ("t2i", "tiling"),
+}
 
 
-def build(device: str):
+def _pipeline(device: str):
     import torch
 
     from autoencoder import AutoencoderConfig, AutoencoderKL
@@ -33,45 +41,56 @@ def build(device: str):
     torch.manual_seed(0)
     models = Models(
         UNet(UNetConfig(model_channels=64, num_heads=4)).eval(),
-        AutoencoderKL(AutoencoderConfig(base_channels=64)).eval(),
+        AutoencoderKL(AutoencoderConfig()).eval(),  # the SD VAE's layout
         ScheduleConfig(beta_start=0.00085, beta_end=0.012),
-        sample_size=32,
+        sample_size=64,
         text_encoder=TextEncoder(TextEncoderConfig(layers=2)).eval(),
         tokenizer=ClipTokenizer(),
     )
     return TextToImagePipeline(models, device=device)
 
 
-def run_case(device: str, scale: int, tile: int | None) -> dict:
+def run_case(device: str, name: str) -> dict:
     import torch
 
-    pipe = build(device)
-    side = 256 * scale
+    kind, switch = CASES[name]
+    pipe = _pipeline(device)
+    if switch == "attention":
+        pipe.enable_attention_slicing()
+    elif switch == "vae_slicing":
+        pipe.enable_vae_slicing()
+    elif switch == "tiling":
+        pipe.enable_vae_tiling(64)
     start = time.perf_counter()
-    pipe("a red circle", num_inference_steps=5, height=side, width=side, tile=tile, progress=False)
+    with torch.no_grad():
+        if kind == "vae":
+            z = torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0)).to(device)
+            pipe.decode(z * pipe.vae.config.scale_factor, "pt")
+        else:
+            pipe("a red circle", num_inference_steps=5, num_images_per_prompt=2, seed=0, progress=False)
     seconds = time.perf_counter() - start
     if device.startswith("cuda"):
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"side": side, "tile": tile, "seconds": round(seconds, 2), "peak_mb": round(peak_mb)}
+    return {"seconds": round(seconds, 1), "peak_mb": round(peak_mb)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--case", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case is not None:
-        _, scale, tile = CASES[args.case]
-        print(json.dumps(run_case(args.device, scale, tile)))
+        print(json.dumps(run_case(args.device, args.case)))
         return
-    print(f"{'case':<16}{'image':>10}{'seconds':>10}{'peak MB':>10}")
-    for i, (name, _, _) in enumerate(CASES):
-        out = subprocess.run([sys.executable, __file__, "--device", args.device, "--case", str(i)],
+    print(f"| case | seconds | peak MB ({'CUDA allocated' if args.device.startswith('cuda') else 'resident'}) |")
+    print("|---|---|---|")
+    for name in CASES:
+        out = subprocess.run([sys.executable, __file__, "--device", args.device, "--case", name],
                              capture_output=True, text=True, check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"{name:<16}{r['side']:>6}x{r['side']:<3}{r['seconds']:>10}{r['peak_mb']:>10}")
+        print(f"| {name} | {r['seconds']} | {r['peak_mb']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ EXAMPLES = {
     "eval": "ldm eval text-to-image -o eval/  # the demo model, 300 held-out prompts, guidance 1,2,4,7.5,12\n"
     "ldm eval super-resolution -o eval/ --count 300\nldm eval classifier -o eval/ --classifier-scales 0,10\n"
     "ldm eval clip -o eval/ --count 1000  # demo-clip's hard-negative accuracy per kind on held-out images",
+    "samplers": "ldm samplers\nldm generate \"a red circle\" --sampler \"DPM++ 2M Karras\"",
     "train": "ldm train configs/demo/smoke.yaml --output-dir runs/smoke --max-steps 20 --set optim.lr=2e-4\n"
     "accelerate launch --multi_gpu --num_processes 2 -m ldm_toolkit.train configs/demo/smoke.yaml",
     "train-autoencoder": "ldm train-autoencoder configs/demo/autoencoder-smoke.yaml --output-dir runs/ae\n"
@@ -101,12 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
          "negatives; it saves as transformers' CLIPModel"),
         ("finetune", _add_train, _train, "fine-tune a model (fully, or LoRA with lora:) and export it to diffusers"),
         ("eval", _add_eval, _eval, "measure a model on held-out shapes samples: JSON report, plot and grids"),
+        ("samplers", lambda p: None, _samplers, "list the samplers --sampler takes, with their WebUI names"),
     ):
         sub = commands.add_parser(name, help=text, description=text, epilog="examples:\n" + EXAMPLES[name],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         add(sub)
         sub.set_defaults(run=run)
     return parser
+
+
+def _samplers(args: argparse.Namespace) -> None:
+    from ldm.diffusion.samplers import A1111_NAMES, SAMPLERS, SIGMA_SPACING_SAMPLERS
+
+    print(f"{'sampler':<14}{'karras / exponential':<22}{'WebUI names (also accepted)':<40}method")
+    for name, fn in SAMPLERS.items():
+        aliases = ", ".join(a for a, (sampler, _) in A1111_NAMES.items() if sampler == name)
+        spacing = "yes" if name in SIGMA_SPACING_SAMPLERS else "-"
+        print(f"{name:<14}{spacing:<22}{aliases:<40}{(fn.__doc__ or '').strip().splitlines()[0]}")
 
 
 def _add_convert(p: argparse.ArgumentParser) -> None:

@@ -171,24 +171,23 @@ def save(out: Any, args: argparse.Namespace, prompt: str, negative: str | None, 
     """Each image as a PNG carrying its parameters: one image to OUTPUT; several to OUTPUT-1.png … and their grid
     to OUTPUT (or, made again from one image of a batch, that image alone)."""
     from pipelines.images import make_grid, save_png
-    from pipelines.parameters import GenerationParameters, a1111_sampler_names
+    from pipelines.parameters import GenerationParameters
 
     images, output = out.images, Path(args.output)
     width, height = images[0].size
     made = GenerationParameters(prompt, negative, args.steps, args.sampler, args.guidance, out.seed, width, height,
                                 str(args.model), dict(extra))
-    names = a1111_sampler_names()
     position = getattr(args, "batch_pos", None)
     if len(images) == 1 or position is not None:
         made.extra.update({"Batch size": str(len(images)), "Batch pos": str(position)} if position is not None else {})
-        save_png(images[position or 0], output, made.to_text(names))
+        save_png(images[position or 0], output, made.to_text())
         print(f"wrote {output} (seed {out.seed})")
         return
     for i, image in enumerate(images):
         each = GenerationParameters(**{**vars(made), "extra": {**made.extra, "Batch size": str(len(images)),
                                                                "Batch pos": str(i)}})
-        save_png(image, output.with_name(f"{output.stem}-{i + 1}{output.suffix}"), each.to_text(names))
+        save_png(image, output.with_name(f"{output.stem}-{i + 1}{output.suffix}"), each.to_text())
     grid = GenerationParameters(**{**vars(made), "extra": {**made.extra, "Batch size": str(len(images))}})
-    save_png(make_grid(images), output, grid.to_text(names))
+    save_png(make_grid(images), output, grid.to_text())
     print(f"wrote {output} and {output.stem}-1{output.suffix} … {output.stem}-{len(images)}{output.suffix} "
           f"(seed {out.seed})")

@@ -15,15 +15,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from autoencoder import tiled_decode
 from ldm.conditioning.prompts import encode_prompt_pair, encode_prompts, pad_to_same_chunks
 from ldm.conditioning.spatial import as_condition_batch
 from ldm.devices import resolve_device
 from ldm.diffusion import ClassifierFreeGuidance, ClassifierGuidance, Denoiser, NoiseSchedule
 from ldm.diffusion.denoiser import DenoiserLike
 from ldm.diffusion.inpainting import KnownRegion, keep_known
-from ldm.diffusion.samplers import sample
+from ldm.diffusion.samplers import Callback, sample
 from ldm.validation import check_choice, check_float, check_int
+from pipelines.memory import MemorySwitches
 from pipelines.models import Models, load_models
 from pipelines.options import OUTPUT_TYPES, Conditioning, SamplingOptions
 
@@ -36,15 +36,33 @@ DEMO_MODELS = ("demo", "demo-sr", "demo-semantic", "demo-classifier", "demo-clip
 class PipelineOutput:
     """``images``: a list of PIL images, a float array (B,H,W,3) in [0,1], a tensor (B,3,H,W) in
     [0,1], or latents (B,C,h,w), by ``output_type``; ``seed``: the seed of the initial noise (drawn at
-    random when none was given), so that a result can be made again."""
+    random when none was given; a generator's initial seed, one per generator of a list), so that a result can be
+    made again."""
 
     images: Any
-    seed: int | None = None
+    seed: int | list[int] | None = None
 
 
 def draw_seed() -> int:
     """A fresh random seed in [0, 2**63), from the operating system: no global RNG is read or reseeded."""
     return secrets.randbelow(2**63)
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator]) -> Tensor:
+    """Unit Gaussian noise on the generator's device: from one generator in one draw, or row by row from a list of
+    them (one per row, as diffusers' randn_tensor draws)."""
+    if not isinstance(generator, list):
+        return torch.randn(shape, generator=generator, device=generator.device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"generator is a list of {len(generator)}; allowed: one generator per image ({shape[0]})")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device).cpu() for g in generator])
+
+
+def generator_seeds(generator: torch.Generator | list[torch.Generator]) -> int | list[int]:
+    """The initial seed of a generator, or of each in a list (what a result reports as its seed)."""
+    if isinstance(generator, list):
+        return [g.initial_seed() for g in generator]
+    return generator.initial_seed()
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -57,7 +75,7 @@ def resolve_source(source: str | Path) -> Path:
     return Path(source)
 
 
-class Pipeline:
+class Pipeline(MemorySwitches):
     """Holds the models; a subclass's ``__call__`` builds its :class:`Conditioning` and
     :class:`SamplingOptions` and calls :meth:`generate`.
 
@@ -76,9 +94,28 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, **options: Any):
-        """Load from a demo name, our folder, a diffusers folder or an SD single file."""
+                        dtype: torch.dtype | None = None, *, torch_dtype: torch.dtype | None = None,
+                        **options: Any):
+        """Load from a demo name, our folder, a diffusers folder or an SD single file; ``torch_dtype`` is
+        diffusers' name for ``dtype``."""
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} differ; allowed: one of them")
+        dtype = dtype or torch_dtype
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype={dtype!r} is not allowed; allowed: torch.float32, torch.float16, torch.bfloat16")
         return cls(load_models(resolve_source(source), **options), device, dtype)
+
+    def save_pretrained(self, path: str | Path, to: str = "diffusers") -> None:
+        """Write the models as a diffusers folder (``to="sd"``: a single file, ``"folder"``: ours)."""
+        self.models.save(path, to=to)
+
+    # diffusers' component names, for scripts written against its pipelines
+    unet = property(lambda self: self.models.unet, doc="the U-Net")
+    vae = property(lambda self: self.models.vae, doc="the autoencoder")
+    text_encoder = property(lambda self: self.models.text_encoder, doc="the text encoder (None without one)")
+    tokenizer = property(lambda self: self.models.tokenizer, doc="the tokenizer (None without a text encoder)")
+    scheduler = property(lambda self: self.schedule, doc="the noise schedule the samplers step through "
+                         "(samplers are chosen per call: sampler=, see `ldm samplers`)")
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None):
         """Move to ``device``; ``dtype`` applies to U-Net and text encoder. The VAE stays float32
@@ -153,21 +190,23 @@ class Pipeline:
 
     memory_hint = ""  # what a pipeline knows of its memory per pixel, for the max_pixels error
 
-    def initial_noise(self, shape: tuple[int, ...], seed: int | None,
-                      latents: Tensor | None) -> tuple[Tensor, torch.Generator]:
-        """Unit-variance noise (B,C,h,w) and the generator that stochastic samplers continue with.
+    def initial_noise(self, shape: tuple[int, ...], seed: int | None, latents: Tensor | None,
+                      generator: torch.Generator | list[torch.Generator] | None = None,
+                      ) -> tuple[Tensor, torch.Generator | list[torch.Generator]]:
+        """Unit-variance noise (B,C,h,w) and the generator(s) that stochastic samplers continue with.
 
         With ``seed``, one CPU generator seeded with it draws the whole batch in one call (images
         in prompt-major order: prompt i, copy j is row i·n + j), so a seed gives the same images
-        on every device. ``latents`` (unit variance, as in diffusers) replace that draw. Without ``seed``
-        one is drawn (:func:`draw_seed`).
+        on every device. A ``generator`` draws instead (a list: one image each, as in diffusers).
+        ``latents`` (unit variance, as in diffusers) replace that draw. Without either one is drawn.
         """
-        generator = torch.Generator().manual_seed(int(seed if seed is not None else draw_seed()))
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(seed if seed is not None else draw_seed()))
         if latents is not None:
             if tuple(latents.shape) != tuple(shape):
                 raise ValueError(f"latents has shape {tuple(latents.shape)}; expected {tuple(shape)}")
             return latents.to(self.device, torch.float32), generator
-        return torch.randn(shape, generator=generator).to(self.device), generator
+        return randn(shape, generator).to(self.device), generator
 
     @torch.no_grad()
     def generate(self, conditioning: Conditioning, options: SamplingOptions) -> PipelineOutput:
@@ -177,8 +216,9 @@ class Pipeline:
         shape = self.latent_shape(batch, options.height, options.width)
         cond, uncond = self.prepare(conditioning, options.num_images_per_prompt)
         denoiser = self.denoiser(cond, uncond, conditioning, options)
-        seed = self.resolve_seed(options.seed)
-        noise, generator = self.initial_noise(shape, seed, options.latents)
+        seed = self.resolve_seed(options.seed) if options.generator is None else generator_seeds(options.generator)
+        noise, generator = self.initial_noise(shape, seed if options.generator is None else None, options.latents,
+                                              options.generator)
         latents = self.sample(denoiser, noise, generator, conditioning, options)
         if conditioning.keep is not None:  # exact where kept, also for a sampler that ends above σ = 0 (DDIM)
             latents = keep_known(latents, *(t.to(self.device) for t in conditioning.keep))
@@ -264,18 +304,32 @@ class Pipeline:
         cfg = self.models.schedule
         return sample(options.sampler, denoiser, noise, self.schedule, steps, prediction_type=cfg.prediction_type,
                       x0=x0, strength=conditioning.strength, steps_offset=cfg.steps_offset,
-                      timestep_spacing=cfg.timestep_spacing, generator=generator, callback=options.callback,
+                      timestep_spacing=cfg.timestep_spacing, sigma_spacing=options.sigma_spacing, generator=generator,
+                      callback=self.step_callback(options),
                       progress=options.progress, **extra)
+
+    def step_callback(self, options: SamplingOptions) -> Callback | None:
+        """``options.callback`` and diffusers' ``callback_on_step_end(pipe, i, t, {"latents": x_t})`` as one."""
+        on_end = options.callback_on_step_end
+        if on_end is None:
+            return options.callback
+
+        def both(i: int, t: Tensor, x_t: Tensor, x0: Tensor) -> None:
+            if options.callback is not None:
+                options.callback(i, t, x_t, x0)
+            on_end(self, i, t, {"latents": x_t})
+        return both
 
     @torch.no_grad()
     def decode(self, latents: Tensor, output_type: str, tile: int | None = None) -> PipelineOutput:
-        """Latents → images of ``output_type``; ``tile`` (latent pixels) decodes in overlapping tiles."""
+        """Latents → images of ``output_type``; ``tile`` (latent pixels) decodes in overlapping tiles (default: the
+        pipeline's, see ``enable_vae_tiling``)."""
         check_choice("output_type", output_type, OUTPUT_TYPES)
         if output_type == "latent":
             return PipelineOutput(latents)
         vae = self.models.vae
         z = (latents / vae.config.scale_factor).to(next(vae.parameters()).dtype)
-        image = tiled_decode(vae, z, tile, tile // 4) if tile else vae.decode(z)
+        image = self.decode_latents(z, tile)
         image = (image.float() / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return PipelineOutput(image.cpu())

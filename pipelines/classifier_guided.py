@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from ldm.diffusion.samplers import Callback
@@ -32,18 +35,22 @@ class ClassifierGuidedPipeline(Pipeline):
         guidance_scale: float = 1.0,
         sampler: str = "ddim",
         num_images_per_prompt: int = 1,
-        seed: int | None = 0,
+        seed: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         progress: bool = True,
         callback: Callback | None = None,
+        callback_on_step_end: Callable[..., Any] | None = None,
     ) -> PipelineOutput:
         """Steer the sampler toward ``class_label`` with ε̂ = ε - s·√(1-ᾱ)·∇ log p(y | x_t); a
         ``prompt`` with ``guidance_scale`` > 1 adds classifier-free guidance underneath."""
         labels = torch.tensor([self.class_index(class_label)])
         options = SamplingOptions(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
-            num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, progress=progress,
+            num_images_per_prompt=num_images_per_prompt, seed=seed, generator=generator, output_type=output_type,
+            progress=progress,
             callback=callback,
+            callback_on_step_end=callback_on_step_end,
         )
         conditioning = Conditioning([prompt], [negative_prompt or ""], class_labels=labels,
                                     classifier_scale=classifier_scale)

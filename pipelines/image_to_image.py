@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -23,7 +26,7 @@ class ImageToImagePipeline(Pipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None,
         image: ImageInput,
         strength: float = 0.8,
         negative_prompt: str | list[str] | None = None,
@@ -31,11 +34,16 @@ class ImageToImagePipeline(Pipeline):
         guidance_scale: float = 7.5,
         sampler: str = "dpmpp_2m",
         num_images_per_prompt: int = 1,
-        seed: int | None = 0,
+        seed: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         eta: float = 0.0,
         progress: bool = True,
         callback: Callback | None = None,
+        callback_on_step_end: Callable[..., Any] | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        clip_skip: int | None = None,
     ) -> PipelineOutput:
         """``strength`` ∈ (0, 1]: the share of the sampler's steps that is run; 1 ignores the image
         apart from its size. The image is encoded to the posterior mean."""
@@ -43,8 +51,11 @@ class ImageToImagePipeline(Pipeline):
         options = SamplingOptions(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
             height=pixels.shape[-2], width=pixels.shape[-1], num_images_per_prompt=num_images_per_prompt, seed=seed,
-            output_type=output_type, eta=eta, progress=progress, callback=callback,
+            generator=generator, output_type=output_type, eta=eta, progress=progress, callback=callback,
+            callback_on_step_end=callback_on_step_end,
         )
         start = self.encode_image(pixels)
-        conditioning = Conditioning.from_prompts(prompt, negative_prompt, init_latents=start, strength=strength)
+        conditioning = Conditioning.from_prompts(prompt, negative_prompt, init_latents=start, strength=strength,
+                                                 prompt_embeds=prompt_embeds,
+                                                 negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip)
         return self.generate(conditioning, options)

@@ -8,6 +8,9 @@ outside the mask at every step (ldm.diffusion.inpainting.KnownRegion).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,7 +38,7 @@ class InpaintPipeline(ImageToImagePipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None,
         image: ImageInput,
         mask_image: ImageInput,
         strength: float = 1.0,
@@ -45,12 +48,17 @@ class InpaintPipeline(ImageToImagePipeline):
         sampler: str = "dpmpp_2m",
         num_images_per_prompt: int = 1,
         seed: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: Tensor | None = None,
         output_type: str = "pil",
         eta: float = 0.0,
         mask_blur: float = 0.0,
         progress: bool = True,
         callback: Callback | None = None,
+        callback_on_step_end: Callable[..., Any] | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        clip_skip: int | None = None,
     ) -> PipelineOutput:
         """``strength`` 1 starts from pure noise (the image enters through the mask input or the held region);
         below 1 from the image's latents noised to it. ``mask_blur`` (pixels, a Gaussian's std) softens the mask's
@@ -60,10 +68,14 @@ class InpaintPipeline(ImageToImagePipeline):
         options = SamplingOptions(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
             height=pixels.shape[-2], width=pixels.shape[-1], num_images_per_prompt=num_images_per_prompt, seed=seed,
-            latents=latents, output_type=output_type, eta=eta, progress=progress, callback=callback,
+            generator=generator, latents=latents, output_type=output_type, eta=eta, progress=progress,
+            callback=callback, callback_on_step_end=callback_on_step_end,
         )
         known = self.encode_image(pixels)
-        method = {"init_latents": known, "strength": strength} if strength < 1 else {"strength": strength}
+        method: dict[str, Any] = {"strength": strength, "prompt_embeds": prompt_embeds, "clip_skip": clip_skip,
+                                  "negative_prompt_embeds": negative_prompt_embeds}
+        if strength < 1:
+            method["init_latents"] = known
         if self.has_mask_input:
             hard = (mask >= 0.5).float()
             on_grid = F.interpolate(hard, size=known.shape[-2:])  # nearest, as diffusers

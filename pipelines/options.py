@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import Tensor
 
-from ldm.diffusion import SAMPLERS
 from ldm.diffusion.guidance import check_interval
-from ldm.diffusion.samplers import Callback
+from ldm.diffusion.samplers import Callback, canonical_sampler
 from ldm.validation import check_choice, check_float, check_int
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -30,19 +32,23 @@ class SamplingOptions:
     """How to sample, whatever the conditioning: the options every pipeline shares.
 
     ``height``/``width`` of None are the model's native size; ``seed`` None draws one (reported with the
-    result); ``latents`` (unit variance, (B,C,h,w)) replace the seeded noise; ``eta`` applies to
-    ``ddim``; ``tile`` (latent pixels) decodes in overlapping tiles. The range of
-    ``num_inference_steps`` depends on the model's schedule and is checked when sampling; the
-    size on the autoencoder's factor and is checked when the latent shape is made.
+    result), unless ``generator`` (one, or one per image, as in diffusers) draws the noise; ``latents`` (unit
+    variance, (B,C,h,w)) replace the seeded noise; ``eta`` applies to ``ddim``; ``tile`` (latent pixels) decodes
+    in overlapping tiles. The range of ``num_inference_steps`` depends on the model's schedule and is checked when
+    sampling; the size on the autoencoder's factor and is checked when the latent shape is made.
+    ``callback_on_step_end(pipe, step, timestep, {"latents": x_t})`` is called after each step (diffusers'
+    convention; what it returns is not used).
     """
 
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
-    sampler: str = "dpmpp_2m"
+    sampler: str = "dpmpp_2m"  # a name of SAMPLERS or an A1111 name ("DPM++ 2M Karras"), stored canonical
+    sigma_spacing: str | None = None  # "karras" | "exponential" | None (the sampler's timestep grid)
     num_images_per_prompt: int = 1
     height: int | None = None
     width: int | None = None
-    seed: int | None = 0
+    seed: int | None = None
+    generator: torch.Generator | list[torch.Generator] | None = None
     latents: Tensor | None = None
     output_type: str = "pil"
     eta: float = 0.0
@@ -51,10 +57,11 @@ class SamplingOptions:
     tile: int | None = None
     progress: bool = True
     callback: Callback | None = None
+    callback_on_step_end: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         check_int("num_images_per_prompt", self.num_images_per_prompt, 1, MAX_IMAGES)
-        check_choice("sampler", self.sampler, SAMPLERS)
+        self.sampler, self.sigma_spacing = canonical_sampler(self.sampler, self.sigma_spacing)
         check_float("guidance_scale", self.guidance_scale, 0.0)
         check_float("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
         check_interval(self.guidance_interval)
@@ -63,6 +70,16 @@ class SamplingOptions:
         check_choice("output_type", self.output_type, OUTPUT_TYPES)
         if self.seed is not None:
             check_int("seed", self.seed, 0, MAX_SEED)
+        if self.generator is not None:
+            self._check_generator()
+
+    def _check_generator(self) -> None:
+        gens = self.generator if isinstance(self.generator, list) else [self.generator]
+        if self.seed is not None:
+            raise ValueError("seed and generator are both given; allowed: one of them")
+        if not gens or not all(isinstance(g, torch.Generator) for g in gens):
+            raise ValueError(f"generator={self.generator!r} is not allowed; allowed: a torch.Generator or a list "
+                             "of them, one per image")
 
 
 @dataclasses.dataclass

@@ -14,13 +14,15 @@ import json
 import re
 from typing import Any
 
+from ldm.diffusion.samplers import a1111_name, canonical_sampler
+
 _PAIR = re.compile(r'\s*([\w][\w \-/+()]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
 @dataclasses.dataclass
 class GenerationParameters:
-    """``sampler`` is written under its A1111 name (``a1111_names`` maps ours to theirs); ``extra`` holds the other
-    ``Key: value`` pairs as text (e.g. "Batch size", "Batch pos", "Guidance interval")."""
+    """``sampler``: ours or an A1111 name, written under its A1111 name ("DPM++ 2M Karras"); ``extra`` holds the
+    other ``Key: value`` pairs as text (e.g. "Batch size", "Batch pos", "Guidance interval")."""
 
     prompt: str
     negative_prompt: str | None
@@ -33,9 +35,10 @@ class GenerationParameters:
     model: str
     extra: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def to_text(self, a1111_names: dict[str, str] | None = None) -> str:
+    def to_text(self) -> str:
+        sampler, spacing = canonical_sampler(self.sampler)
         pairs: dict[str, Any] = {
-            "Steps": self.steps, "Sampler": (a1111_names or {}).get(self.sampler, self.sampler),
+            "Steps": self.steps, "Sampler": a1111_name(sampler, spacing),
             "CFG scale": f"{self.guidance_scale:g}", "Seed": self.seed, "Size": f"{self.width}x{self.height}",
             "Model": self.model, **self.extra,
         }
@@ -55,7 +58,10 @@ class GenerationParameters:
         negative_text = "\n".join(negative)[len("Negative prompt:"):].strip() if negative else None
         try:
             width, height = (int(v) for v in pairs.pop("Size").split("x"))
-            return cls("\n".join(prompt), negative_text or None, int(pairs.pop("Steps")), pairs.pop("Sampler"),
+            sampler = pairs.pop("Sampler")
+            if pairs.get("Schedule type", "").lower() == "karras" and not sampler.lower().endswith("karras"):
+                sampler = f"{sampler} Karras"  # the WebUI's newer form: the σ spacing in its own field
+            return cls("\n".join(prompt), negative_text or None, int(pairs.pop("Steps")), sampler,
                        float(pairs.pop("CFG scale")), int(pairs.pop("Seed")), width, height,
                        pairs.pop("Model", ""), pairs)
         except (KeyError, ValueError) as err:
@@ -71,7 +77,3 @@ def _unquote(value: str) -> str:
     value = value.strip()
     return json.loads(value) if value.startswith('"') else value
 
-
-def a1111_sampler_names() -> dict[str, str]:
-    """Our sampler names → the WebUI's (names without a WebUI counterpart are written as they are)."""
-    return {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "euler": "Euler", "euler_a": "Euler a"}

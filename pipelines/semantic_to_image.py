@@ -3,6 +3,9 @@ latents at every step (Rombach et al. 2022, §4.3.2); an optional prompt adds te
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -36,10 +39,12 @@ class SemanticToImagePipeline(Pipeline):
         guidance_scale: float = 1.0,
         sampler: str = "dpmpp_2m",
         num_images_per_prompt: int = 1,
-        seed: int | None = 0,
+        seed: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         progress: bool = True,
         callback: Callback | None = None,
+        callback_on_step_end: Callable[..., Any] | None = None,
     ) -> PipelineOutput:
         """The output has the map's size; labels must lie in 0..num_classes-1 of the model. A batch
         of maps (B, H, W) gives one image per map (``num_images_per_prompt`` applies to one map)."""
@@ -47,6 +52,7 @@ class SemanticToImagePipeline(Pipeline):
         options = SamplingOptions(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler, height=height,
             width=width, num_images_per_prompt=condition.shape[0] if condition.shape[0] > 1 else num_images_per_prompt,
-            seed=seed, output_type=output_type, progress=progress, callback=callback,
+            seed=seed, generator=generator, output_type=output_type, progress=progress, callback=callback,
+            callback_on_step_end=callback_on_step_end,
         )
         return self.generate(Conditioning([prompt], [""], concat=condition), options)

@@ -3,6 +3,9 @@ is concatenated with the latents at every step (Rombach et al. 2022, §4.4)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -44,17 +47,20 @@ class SuperResolutionPipeline(Pipeline):
         num_inference_steps: int = 25,
         guidance_scale: float = 1.0,
         sampler: str = "dpmpp_2m",
-        seed: int | None = 0,
+        seed: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         progress: bool = True,
         callback: Callback | None = None,
+        callback_on_step_end: Callable[..., Any] | None = None,
     ) -> PipelineOutput:
         """Upscale ``image`` by ``self.upscale``; its side must be the model's native input size
         or a multiple of the latent grid's step. A batch of images gives one output per image."""
         condition, height, width = self.low_resolution_condition(image)
         options = SamplingOptions(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler, height=height,
-            width=width, num_images_per_prompt=max(condition.shape[0], 1), seed=seed, output_type=output_type,
-            progress=progress, callback=callback,
+            width=width, num_images_per_prompt=max(condition.shape[0], 1), seed=seed, generator=generator,
+            output_type=output_type, progress=progress, callback=callback,
+            callback_on_step_end=callback_on_step_end,
         )
         return self.generate(Conditioning([prompt], [""], concat=condition), options)

@@ -27,7 +27,8 @@ def diffusers_v1_pipeline(tmp: Path, in_channels: int = 4) -> StableDiffusionPip
     """``in_channels`` 9: the SD inpainting U-Net layout (latents, mask, masked image latents)."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        norm_num_groups=8, cross_attention_dim=32,
         attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from sd_fixtures import small_models
 
-from ldm_toolkit import cli, sampling
+from ldm_toolkit import sampling
 from ldm_toolkit.cli import build_parser, main
 
 
@@ -196,7 +196,8 @@ def test_a_full_disk_is_one_line_naming_the_output_and_leaves_what_was_there(mod
     (tmp_path / "old.png").write_bytes(b"old")
     cases = (["convert", str(models["t2i"]), str(tmp_path / "sd.safetensors"), "--to", "sd"],
              ["convert", str(models["t2i"]), str(models["sr"]), "--to", "folder"],  # replaces a model folder
-             ["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "2", "-o", str(tmp_path / "old.png")])
+             ["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "2",
+              "-o", str(tmp_path / "old.png")])
     before = sorted(p.name for p in models["sr"].iterdir())
     for args in cases:
         result = subprocess.run([sys.executable, "-m", "ldm_toolkit.cli", *args], capture_output=True, text=True,

@@ -7,6 +7,7 @@ are those of the original Stable Diffusion checkpoints (``proj_in``, ``transform
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,6 +25,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # index 1 was a Dropout in CompVis
+        self.slice_size: int | None = None  # heads per attention call (enable_attention_slicing); None: all
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
@@ -33,7 +35,12 @@ class CrossAttention(nn.Module):
             proj.unflatten(-1, (self.heads, -1)).transpose(1, 2)
             for proj in (self.to_q(x), self.to_k(context), self.to_v(context))
         )
-        out = F.scaled_dot_product_attention(q, k, v)
+        if self.slice_size is None or self.slice_size >= self.heads:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:  # attention slicing: a few heads at a time hold their attention matrices
+            out = torch.cat([F.scaled_dot_product_attention(q[:, i:i + self.slice_size], k[:, i:i + self.slice_size],
+                                                            v[:, i:i + self.slice_size])
+                             for i in range(0, self.heads, self.slice_size)], dim=1)
         return self.to_out(out.transpose(1, 2).reshape(batch, n, -1))  # (B, h, N, d) → (B, N, h·d)
 
 
