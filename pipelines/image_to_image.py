@@ -33,6 +33,7 @@ class ImageToImagePipeline(Pipeline):
         num_inference_steps: int = 25,
         guidance_scale: float = 7.5,
         sampler: str = "dpmpp_2m",
+        sigma_spacing: str | None = None,
         num_images_per_prompt: int = 1,
         seed: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -50,6 +51,7 @@ class ImageToImagePipeline(Pipeline):
         pixels = image_tensor(image).to(self.device)
         options = SamplingOptions(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
+            sigma_spacing=sigma_spacing,
             height=pixels.shape[-2], width=pixels.shape[-1], num_images_per_prompt=num_images_per_prompt, seed=seed,
             generator=generator, output_type=output_type, eta=eta, progress=progress, callback=callback,
             callback_on_step_end=callback_on_step_end,

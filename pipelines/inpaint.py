@@ -46,6 +46,7 @@ class InpaintPipeline(ImageToImagePipeline):
         num_inference_steps: int = 25,
         guidance_scale: float = 7.5,
         sampler: str = "dpmpp_2m",
+        sigma_spacing: str | None = None,
         num_images_per_prompt: int = 1,
         seed: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -67,6 +68,7 @@ class InpaintPipeline(ImageToImagePipeline):
         pixels, mask = self._inputs(image, mask_image, mask_blur)
         options = SamplingOptions(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
+            sigma_spacing=sigma_spacing,
             height=pixels.shape[-2], width=pixels.shape[-1], num_images_per_prompt=num_images_per_prompt, seed=seed,
             generator=generator, latents=latents, output_type=output_type, eta=eta, progress=progress,
             callback=callback, callback_on_step_end=callback_on_step_end,

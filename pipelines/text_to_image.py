@@ -24,6 +24,7 @@ class TextToImagePipeline(Pipeline):
         num_inference_steps: int = 25,
         guidance_scale: float = 7.5,
         sampler: str = "dpmpp_2m",
+        sigma_spacing: str | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -55,7 +56,8 @@ class TextToImagePipeline(Pipeline):
         default (``model.yaml`` ``sampling``), which is every level unless the model says otherwise.
         """
         options = SamplingOptions(
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler, height=height,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
+            sigma_spacing=sigma_spacing, height=height,
             width=width, num_images_per_prompt=num_images_per_prompt, seed=seed, generator=generator, latents=latents,
             output_type=output_type, eta=eta, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
             tile=tile, progress=progress, callback=callback, callback_on_step_end=callback_on_step_end,

@@ -75,3 +75,23 @@ def small_models(concat: dict | None = None, text: bool = True, classifier: bool
         if module is not None:
             module.eval()
     return models
+
+
+def small_v2_models():
+    """Our own small random-weight SD v2 layout: OpenCLIP text tower (penultimate layer), linear projections in
+    the transformers, v-prediction."""
+    from autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldm.conditioning.text import TextEncoder, TextEncoderConfig
+    from ldm.diffusion.schedule import ScheduleConfig
+    from ldm.modules.unet import UNet, UNetConfig
+    from pipelines import Models
+
+    torch.manual_seed(3)
+    unet = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,),
+                           num_heads=None, head_dim=16, context_dim=64, use_linear_projection=True, norm_groups=8))
+    vae = AutoencoderKL(AutoencoderConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8))
+    text = TextEncoder(TextEncoderConfig(kind="openclip", width=64, layers=3, heads=4, act="gelu", layer="penultimate"))
+    for seed, module in enumerate((unet, vae, text)):
+        randomize(module, seed)
+    return Models(unet.eval(), vae.eval(), ScheduleConfig(beta_start=0.00085, beta_end=0.012, prediction_type="v"), 8,
+                  text_encoder=text.eval(), tokenizer=ClipTokenizer(pad_token_id=0))

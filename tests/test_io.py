@@ -8,14 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from sd_fixtures import diffusers_v1_pipeline, randomize, small_models
+from sd_fixtures import diffusers_v1_pipeline, randomize, small_models, small_v2_models
 
-from autoencoder import AutoencoderConfig, AutoencoderKL
-from ldm.conditioning.text import TextEncoder, TextEncoderConfig
-from ldm.conditioning.tokenizer import ClipTokenizer
 from ldm.diffusion.schedule import ScheduleConfig
 from ldm.io import CheckpointError, load_state_dict, read_checkpoint
-from ldm.modules.unet import UNet, UNetConfig
 from pipelines import Models, load_models
 
 # What the weights cannot tell at these reduced widths (SD convention would be 8 heads, 32 groups).
@@ -71,19 +67,6 @@ def test_our_folder_and_single_file_round_trip(tmp_path: Path) -> None:
                      load_models(tmp_path / "model.safetensors", overrides=SMALL_OVERRIDES)):
         assert reloaded.unet.config == ours.unet.config and reloaded.text_encoder.config == ours.text_encoder.config
         assert_same_as_diffusers(reloaded, pipe, ["a yellow triangle above a green square"])
-
-
-def small_v2_models() -> Models:
-    torch.manual_seed(3)
-    unet = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,),
-                           num_heads=None,
-                           head_dim=16, context_dim=64, use_linear_projection=True, norm_groups=8))
-    vae = AutoencoderKL(AutoencoderConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8))
-    text = TextEncoder(TextEncoderConfig(kind="openclip", width=64, layers=3, heads=4, act="gelu", layer="penultimate"))
-    for seed, module in enumerate((unet, vae, text)):
-        randomize(module, seed)
-    return Models(unet.eval(), vae.eval(), ScheduleConfig(beta_start=0.00085, beta_end=0.012, prediction_type="v"), 8,
-                  text_encoder=text.eval(), tokenizer=ClipTokenizer(pad_token_id=0))
 
 
 def test_sd_v2_layout_exports_to_diffusers_and_single_file(tmp_path: Path) -> None:
