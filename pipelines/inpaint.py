@@ -65,6 +65,7 @@ class InpaintPipeline(ImageToImagePipeline):
         below 1 from the image's latents noised to it. ``mask_blur`` (pixels, a Gaussian's std) softens the mask's
         edge: a text-to-image model blends across it; an inpainting U-Net sees the mask binarised at 0.5, as in
         diffusers. ``seed`` None draws one (reported in the output)."""
+        check_float("strength", strength, 0.0, 1.0, low_open=True)
         pixels, mask = self._inputs(image, mask_image, mask_blur)
         options = SamplingOptions(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,

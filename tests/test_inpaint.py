@@ -120,6 +120,8 @@ def test_mask_blur_softens_the_edge_and_bad_masks_are_named() -> None:
     assert soft.min() == 0 and soft.max() > 0.9 and ((values > 0) & (values < 1)).sum() > 3
     with pytest.raises(ValueError, match=r"mask_image is 8x8 \(1 mask\(s\)\); allowed: the image's size 16x16"):
         pipe("x", start_image(), mask_image(8))
+    with pytest.raises(ValueError, match=r"strength=2.0 is out of range; allowed: a finite number in \(0, 1\]"):
+        pipe("x", start_image(), mask_image(), strength=2.0)
     with pytest.raises(ValueError, match=r"mask_blur=-1.0 is out of range"):
         pipe("x", start_image(), mask_image(), mask_blur=-1.0)
     models.unet.config.in_channels = 5
