@@ -34,6 +34,7 @@ from ldm.diffusion.samplers import (
     grid_denoiser,
     resolve_sampler,
     sampler_grid,
+    sde_midpoints,
     start_state,
 )
 
@@ -164,6 +165,7 @@ def test_ddim_with_eta_matches_diffusers(eta: float, prediction: str) -> None:
     assert relative_error(ours, reference) <= 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:Should have")  # DPM++ SDE: queries at σ_min below the tree's start, as diffusers'
 @pytest.mark.parametrize(("name", "sigma_spacing"),
                          [(n, None) for n in SAMPLERS] + [(n, "karras") for n in SIGMA_SPACING_SAMPLERS])
 def test_sample_is_the_sampler_over_sigma(name: str, sigma_spacing: str | None) -> None:
@@ -172,7 +174,7 @@ def test_sample_is_the_sampler_over_sigma(name: str, sigma_spacing: str | None) 
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     timesteps, sigmas = sampler_grid(name, schedule, 12, None, 1, sigma_spacing)
     x = start_state(name, noise, sigmas[0].item())
-    denoiser = grid_denoiser(name, Denoiser(model_fn, schedule, "v"), sigmas, timesteps)
+    denoiser = grid_denoiser(name, Denoiser(model_fn, schedule, "v"), sigmas, timesteps, schedule)
     direct = SAMPLERS[name](denoiser, x, sigmas, generator=torch.Generator().manual_seed(4))
     via = sample(name, model_fn, noise, schedule, 12, prediction_type="v", steps_offset=1,
                  sigma_spacing=sigma_spacing, generator=torch.Generator().manual_seed(4))
@@ -309,7 +311,8 @@ GRID_CASES = [(n, s, k) for n in ("unipc", "dpmpp_2m_sde", "dpmpp_sde", "heun", 
 def test_grid_matches_diffusers(name: str, spacing: str | None, sigma_spacing: str | None, steps: int) -> None:
     """Our timesteps and σ against the scheduler's own: every spacing the scheduler config imposes, Karras and
     exponential σ where it has them. σ to float32 precision (diffusers' ᾱ is a float32 cumprod), and so the
-    fractional t(σ) of Karras / exponential σ to 5e-3 (its log σ table is float32)."""
+    fractional t(σ) of Karras / exponential σ to 5e-3 (its log σ table is float32). DPM++ SDE's exactly: it lays
+    out diffusers' float32 σ (sde_grid), and its midpoint timesteps to 2e-5 (sde_midpoints)."""
     config = {"timestep_spacing": spacing} if spacing else {}
     scheduler = make_scheduler(name, "epsilon", sigma_spacing, **config)
     scheduler.set_timesteps(steps)
@@ -317,9 +320,15 @@ def test_grid_matches_diffusers(name: str, spacing: str | None, sigma_spacing: s
     t, sigmas = sampler_grid(name, SD15_SCHEDULE, steps, spacing, 1, sigma_spacing)
     if sigma_spacing == "exponential" and name in ("unipc", "dpmpp_2m_sde", "dpmpp_2m"):  # see the test above
         t, reference_t = t[1:], reference_t[1:]
-    atol = 0 if name in ("unipc", "dpmpp_2m_sde", "dpmpp_2m", "lcm") or sigma_spacing is None else 5e-3
+    atol = 0 if name in ("unipc", "dpmpp_2m_sde", "dpmpp_2m", "dpmpp_sde", "lcm") or sigma_spacing is None else 5e-3
     torch.testing.assert_close(t, reference_t, rtol=0, atol=atol)
-    torch.testing.assert_close(sigmas, reference_sigmas, rtol=2e-5, atol=0)
+    torch.testing.assert_close(sigmas, reference_sigmas, rtol=0 if name == "dpmpp_sde" else 2e-5, atol=0)
+    if name == "dpmpp_sde":
+        mid_sigmas, mid_t = sde_midpoints(SD15_SCHEDULE, sigmas)
+        torch.testing.assert_close(mid_t, scheduler.timesteps[1::2], rtol=0, atol=2e-5)
+        lam = sigmas[:-1].float().log().neg()  # step()'s σ_mid: e^{-λ_mid}, in float32 from its float32 σ
+        torch.testing.assert_close(mid_sigmas, (lam[:-1] + (lam[1:] - lam[:-1]) * 0.5).neg().exp().double(),
+                                   rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
@@ -341,8 +350,9 @@ def test_lcm_boundary_condition_matches_diffusers(prediction: str) -> None:
 
 
 # DPM++ SDE's Brownian tree resolves its queries to 1e-6 (torchsde's tol), and its increments are only
-# ½-Hölder in the query points: diffusers' σ, from a float32 ᾱ cumprod, differ from ours (float64) by up to
-# 1.3e-5 relative, which moves its samples by ~5e-3 of their scale. On the same σ the noise is the same.
+# ½-Hölder in the query points: diffusers' σ, from a float32 ᾱ cumprod, differ from our float64 σ(t) by up to
+# 1.3e-5 relative, which moved its samples by ~5e-3 of their scale. So this sampler's grid is diffusers' float32
+# σ (sde_grid), and on the same σ the noise is the same.
 
 def run_dpmpp_sde_on_our_grid(steps: int, noise: torch.Tensor, prediction: str, seed: int,
                               sigma_spacing: str | None, **config) -> torch.Tensor:
@@ -350,7 +360,8 @@ def run_dpmpp_sde_on_our_grid(steps: int, noise: torch.Tensor, prediction: str, 
     scheduler = make_scheduler("dpmpp_sde", prediction, **config)
     scheduler.set_timesteps(steps)
     timesteps, sigmas = sampler_grid("dpmpp_sde", SD15_SCHEDULE, steps, None, 1, sigma_spacing)
-    midpoints = scheduler._second_order_timesteps(sigmas[:-1].numpy(), np.log(SD15_SCHEDULE.sigmas.numpy()))
+    log_sigmas = np.log(SD15_SCHEDULE.sigmas_float32().numpy())
+    midpoints = scheduler._second_order_timesteps(sigmas[:-1].numpy(), log_sigmas)
     sigmas32 = sigmas.float()
     scheduler.sigmas = torch.cat([sigmas32[:1], sigmas32[1:-1].repeat_interleave(2), sigmas32[-1:]])
     scheduler.timesteps = torch.cat([timesteps[:1].double(), timesteps[1:].double().repeat_interleave(2)])
@@ -375,15 +386,17 @@ def test_dpmpp_sde_matches_diffusers_on_the_same_sigmas(sigma_spacing: str | Non
 
 @pytest.mark.filterwarnings("ignore:Should have")
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
-@pytest.mark.parametrize("sigma_spacing", [None, "karras"])
-def test_dpmpp_sde_matches_diffusers_end_to_end(sigma_spacing: str | None, prediction: str) -> None:
-    """Untouched diffusers, on its own float32 σ: the same Brownian path, up to the shift of its σ (see above)."""
+@pytest.mark.parametrize("steps", [20, 25])
+@pytest.mark.parametrize("sigma_spacing", [None, "karras", "exponential"])
+def test_dpmpp_sde_matches_diffusers_end_to_end(sigma_spacing: str | None, steps: int, prediction: str) -> None:
+    """Untouched diffusers, on its own float32 σ, which ours lays out too (sde_grid): the same Brownian path."""
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(25))
-    reference = run_scheduler(make_scheduler("dpmpp_sde", prediction, sigma_spacing), 25, noise, seed=7)
-    assert relative_error(run_ours_spaced("dpmpp_sde", 25, noise, prediction, 7, sigma_spacing), reference) <= 2e-2
-    assert relative_error(run_ours_spaced("dpmpp_sde", 25, noise, prediction, 8, sigma_spacing), reference) > 0.1
+    reference = run_scheduler(make_scheduler("dpmpp_sde", prediction, sigma_spacing), steps, noise, seed=7)
+    assert relative_error(run_ours_spaced("dpmpp_sde", steps, noise, prediction, 7, sigma_spacing), reference) <= 1e-5
+    assert relative_error(run_ours_spaced("dpmpp_sde", steps, noise, prediction, 8, sigma_spacing), reference) > 0.1
 
 
+@pytest.mark.filterwarnings("ignore:Should have")
 @pytest.mark.parametrize("name", ["ddpm", "euler_a", "dpmpp_2m_sde", "dpmpp_sde", "lcm"])
 def test_a_list_of_generators_draws_each_row_alone(name: str) -> None:
     """As diffusers' randn_tensor: row i's noise comes from generator i, as if it were sampled alone."""
@@ -402,12 +415,14 @@ def test_a_list_of_generators_draws_each_row_alone(name: str) -> None:
 
 def run_scheduler_from_image(scheduler, steps: int, x0: torch.Tensor, noise: torch.Tensor, strength: float,
                              seed: int) -> torch.Tensor:
-    """diffusers' image-to-image loop (StableDiffusionImg2ImgPipeline: get_timesteps, add_noise)."""
+    """diffusers' image-to-image loop (StableDiffusionImg2ImgPipeline: get_timesteps, add_noise); DPM++ SDE's seed
+    from torch's global generator, as in run_scheduler."""
     scheduler.set_timesteps(steps)
     start = steps - min(int(steps * strength), steps)
     timesteps = scheduler.timesteps[start * scheduler.order:]
     scheduler.set_begin_index(start * scheduler.order)
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     x = scheduler.add_noise(x0, noise, timesteps[:1].repeat(x0.shape[0]))
     for t in timesteps:
@@ -418,9 +433,10 @@ def run_scheduler_from_image(scheduler, steps: int, x0: torch.Tensor, noise: tor
 
 # Not LMS: diffusers' LMS takes its order from the absolute step index, so after set_begin_index its first step
 # weighs the one derivative it has with a 4th-order coefficient; ours (as k-diffusion) starts at order 1.
+@pytest.mark.filterwarnings("ignore:Should have")
 @pytest.mark.parametrize(("name", "sigma_spacing"), [("euler", "karras"), ("dpmpp_2m", "karras"), ("heun", None),
                                                      ("heun", "karras"), ("unipc", "karras"), ("dpmpp_2m_sde", None),
-                                                     ("lcm", None)])
+                                                     ("dpmpp_sde", None), ("dpmpp_sde", "karras"), ("lcm", None)])
 def test_image_to_image_matches_diffusers(name: str, sigma_spacing: str | None) -> None:
     noise, x0 = torch.randn(2, 2, 4, 8, 8, generator=torch.Generator().manual_seed(11))
     scheduler = make_scheduler(name, "v", sigma_spacing)

@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ldm.diffusion.denoiser import ConsistencyBoundary, DenoiserLike, as_denoiser, on_grid
 from ldm.diffusion.samplers_multistep import sample_dpmpp_2m_sde, sample_lms, sample_unipc
-from ldm.diffusion.samplers_singlestep import sample_dpmpp_sde, sample_heun, sample_lcm
+from ldm.diffusion.samplers_singlestep import log_midpoint, sample_dpmpp_sde, sample_heun, sample_lcm
 from ldm.diffusion.schedule import NoiseSchedule, posterior_mean
 from ldm.diffusion.steps import DenoiserFn, StepCallback, ancestral_step, randn_like, sigma_steps  # noqa: F401 (re-exported)
 from ldm.diffusion.timesteps import (
@@ -264,14 +265,19 @@ def sampler_grid(
 ) -> tuple[Tensor, Tensor]:
     """(timesteps (N,) float32, σ (N+1,) float64) that ``sampler`` visits in ``num_steps`` steps, as the matching
     diffusers scheduler lays them out: σ(t) on its timestep grid, or with ``sigma_spacing`` the Karras /
-    exponential σ between the ends of SIGMA_SPACING_SAMPLERS' range and the timesteps the network sees there."""
+    exponential σ between the ends of SIGMA_SPACING_SAMPLERS' range and the timesteps the network sees there.
+    DPM++ SDE's are diffusers' own float32 σ (``sde_grid``)."""
     sampler, sigma_spacing = canonical_sampler(sampler, sigma_spacing)
     if sampler == "lcm":
         timesteps = lcm_timesteps(num_steps, schedule.num_train_timesteps, LCM_ORIGINAL_STEPS)
     else:
         spacing = spacing or DEFAULT_SPACING[sampler]
         grid = GRID.get(sampler, {})
-        timesteps = make_timesteps(num_steps, schedule.num_train_timesteps, spacing, steps_offset, **grid)
+        timesteps = make_timesteps(num_steps, schedule.num_train_timesteps, spacing, steps_offset,
+                                   dtype=torch.float64, **grid)
+    if sampler == "dpmpp_sde":
+        return sde_grid(schedule, timesteps, sigma_spacing)
+    timesteps = timesteps.float()
     sigmas = sampler_sigmas(sampler, schedule, timesteps)
     if sigma_spacing is None:
         return timesteps, sigmas
@@ -281,6 +287,65 @@ def sampler_grid(
     if sampler in _DPM_FAMILY:
         t = t.round() if sigma_spacing == "karras" else t.trunc()
     return t.float(), torch.cat([spaced, sigmas[-1:]])
+
+
+# ---- DPM++ SDE on diffusers' float32 σ ----
+# Its noise is a Brownian tree over [σ_min, σ_max] of the grid, queried at each step's σ, log-midpoint σ_mid and
+# σ_next; torchsde resolves queries to 1e-6 and the increments are only ½-Hölder in the query points, so a seed
+# gives diffusers' noise only on diffusers' σ to the bit. DPMSolverSDEScheduler computes them from a float32 ᾱ
+# (SD's: up to 1.3e-5 relative from our float64 σ, which moved 20-step images by up to 4.4e-3), so for this
+# sampler the grid is laid out as its set_timesteps does, float32 rounding included; the sampler (log_midpoint)
+# then steps in float32 as its step() does.
+
+
+def sde_grid(schedule: NoiseSchedule, timesteps: Tensor, sigma_spacing: str | None = None) -> tuple[Tensor, Tensor]:
+    """(timesteps (N,) float32, σ (N+1,) float64 holding float32 values) of DPM++ SDE on the float64 ``timesteps``
+    of its spacing, as DPMSolverSDEScheduler.set_timesteps computes them: σ interpolated linearly (np.interp) in
+    the float32 table ``schedule.sigmas_float32()``; with ``sigma_spacing`` the Karras / exponential σ between
+    the ends of those (in float64, numpy) and the network's timesteps t(σ) on the float32 log σ table; then σ
+    cast to float32, and σ = 0 appended."""
+    table = schedule.sigmas_float32().numpy()
+    t = timesteps.double().numpy()
+    sigmas = np.interp(t, np.arange(len(table)), table)
+    if sigma_spacing is not None:
+        high, low, n = sigmas[0].item(), sigmas[-1].item(), len(sigmas)
+        if sigma_spacing == "karras":  # diffusers' _convert_to_karras, ρ = 7
+            rho = 7.0
+            high_inv, low_inv = high ** (1 / rho), low ** (1 / rho)
+            sigmas = (high_inv + np.linspace(0, 1, n) * (low_inv - high_inv)) ** rho
+        else:  # _convert_to_exponential
+            sigmas = np.exp(np.linspace(math.log(high), math.log(low), n))
+        t = _sigma_to_t_float32(sigmas, np.log(table))
+    sigmas32 = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    return torch.from_numpy(t).float(), torch.from_numpy(sigmas32).double()
+
+
+def sde_midpoints(schedule: NoiseSchedule, sigmas: Tensor) -> tuple[Tensor, Tensor]:
+    """(σ_mid, t_mid) float64 at each DPM++ SDE step between positive σ of ``sigmas``: σ_mid as the sampler
+    queries it (``log_midpoint``, float32) and the network's timestep there as diffusers'
+    _second_order_timesteps computes it: the log-midpoint in float64, t(σ) on the float32 log σ table. diffusers
+    takes that midpoint from its σ before their float32 cast, which the grid no longer holds: from the float32 σ
+    these t are within 2e-5 of its (1.4e-5 measured; the grid's own σ and t are exact)."""
+    s = sigmas.tolist()
+    pairs = [(a, b) for a, b in zip(s[:-1], s[1:]) if b > 0]
+    if not pairs:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    mid_sigmas = torch.tensor([log_midpoint(a, b)[1] for a, b in pairs], dtype=torch.float64)
+    lam = -np.log(np.array([a for a, _ in pairs] + [pairs[-1][1]]))
+    mid = np.exp(-(lam[:-1] + np.diff(lam) * 0.5))
+    return mid_sigmas, torch.from_numpy(_sigma_to_t_float32(mid, np.log(schedule.sigmas_float32().numpy())))
+
+
+def _sigma_to_t_float32(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """t(σ) (float64) as diffusers' _sigma_to_t: log σ interpolated between training steps of the float32 table
+    ``log_sigmas`` (NoiseSchedule.sigma_to_t on its float32 σ, in diffusers' arithmetic)."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
 
 
 def start_state(
@@ -317,9 +382,17 @@ def initial_state(
     return start_state(sampler, noise, sigma, x0, spacing) / math.sqrt(sigma**2 + 1)
 
 
-def grid_denoiser(sampler: str, denoiser: DenoiserLike, sigmas: Tensor, timesteps: Tensor) -> DenoiserLike:
-    """``denoiser`` as ``sampler`` calls it on this grid: at the grid's timesteps (``on_grid``), and for LCM inside
-    its consistency boundary condition (ConsistencyBoundary at LCM_TIMESTEP_SCALING)."""
+def grid_denoiser(
+    sampler: str, denoiser: DenoiserLike, sigmas: Tensor, timesteps: Tensor, schedule: NoiseSchedule | None = None
+) -> DenoiserLike:
+    """``denoiser`` as ``sampler`` calls it on this grid: at the grid's timesteps (``on_grid``); for DPM++ SDE with
+    ``schedule`` also at its log-midpoints, at diffusers' timesteps there (``sde_midpoints``; without it, at the
+    denoiser's own ``schedule.sigma_to_t``); for LCM inside its consistency boundary condition
+    (ConsistencyBoundary at LCM_TIMESTEP_SCALING)."""
+    if sampler == "dpmpp_sde" and schedule is not None:
+        mid_sigmas, mid_t = sde_midpoints(schedule, sigmas)
+        sigmas = torch.cat([sigmas[: len(timesteps)].double(), mid_sigmas])
+        timesteps = torch.cat([timesteps.double(), mid_t])
     bound = on_grid(denoiser, sigmas, timesteps)
     return ConsistencyBoundary(bound, LCM_TIMESTEP_SCALING) if sampler == "lcm" else bound
 
@@ -357,12 +430,14 @@ def sample(
     ``model`` is a network (x_t, t) -> prediction of ``prediction_type``, or a denoiser (a
     :class:`~ldm.diffusion.denoiser.Denoiser`, or guidance over one or over a bare network; see
     ``as_denoiser``). ``options`` go to the sampler (``eta`` for DDIM, ``variance`` for DDPM, ``order`` for LMS
-    and UniPC, ``noise_seed`` for DPM++ SDE).
+    and UniPC, ``noise_seed`` and ``noise_sigma_max`` for DPM++ SDE).
     """
     sampler, sigma_spacing = canonical_sampler(sampler, sigma_spacing)
     denoiser = as_denoiser(model, schedule, prediction_type)
     spacing = timestep_spacing or DEFAULT_SPACING[sampler]
     timesteps, sigmas = sampler_grid(sampler, schedule, num_steps, spacing, steps_offset, sigma_spacing)
+    if sampler == "dpmpp_sde":  # its Brownian tree spans the whole grid, as diffusers', also for image-to-image
+        options = {"noise_sigma_max": sigmas.max().item(), **options}
     if x0 is not None:
         timesteps = strength_timesteps(timesteps, strength)
         sigmas = sigmas[-len(timesteps) - 1 :]
@@ -370,6 +445,6 @@ def sample(
         raise ValueError(f"strength={strength!r} needs an x0 to start from; allowed without x0: 1.0")
     x = start_state(sampler, noise, sigmas[0].item(), x0, spacing)
     report = _report_timesteps(callback, timesteps, sigmas)
-    denoiser = grid_denoiser(sampler, denoiser, sigmas, timesteps)
+    denoiser = grid_denoiser(sampler, denoiser, sigmas, timesteps, schedule)
     x = SAMPLERS[sampler](denoiser, x, sigmas, generator=generator, callback=report, progress=progress, **options)
     return x / math.sqrt(sigmas[-1].item() ** 2 + 1)  # VE → VP (only DDIM ends above σ = 0)

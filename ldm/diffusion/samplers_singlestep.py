@@ -95,6 +95,7 @@ def sample_dpmpp_sde(
     sigmas: Tensor,
     *,
     noise_seed: int | list[int] | None = None,
+    noise_sigma_max: float | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
@@ -104,13 +105,16 @@ def sample_dpmpp_sde(
     λ = -log σ, a network call there, and the full noisy step from x with that x̂_0; the last step (to σ = 0) is
     Euler's.
 
-    The noise is Brownian (``BrownianNoise``) over the grid's σ range, seeded with ``noise_seed`` (diffusers'
-    ``noise_sampler_seed``; a list: one per row), or with a seed drawn from ``generator`` (one per generator of
-    a list).
+    The noise is Brownian (``BrownianNoise``) over the grid's σ range (up to ``noise_sigma_max`` where given:
+    diffusers' spans its whole grid, also when image-to-image starts lower), seeded with ``noise_seed``
+    (diffusers' ``noise_sampler_seed``; a list: one per row), or with a seed drawn from ``generator`` (one per
+    generator of a list). Steps are taken in float32 (``log_midpoint``), so on diffusers' float32 σ
+    (ldm.diffusion.samplers.sde_grid) the tree is queried where its scheduler queries it.
     """
     seed = draw_seed(generator) if noise_seed is None else noise_seed
     positive = sigmas[sigmas > 0].float()
-    noise = BrownianNoise(x, positive.min().item(), positive.max().item(), seed)
+    top = positive.max().item() if noise_sigma_max is None else noise_sigma_max
+    noise = BrownianNoise(x, positive.min().item(), top, seed)
     for i, (sigma, sigma_next) in sigma_steps(sigmas, progress):
         x0 = denoiser(x, sigma)
         if sigma_next == 0:

@@ -28,24 +28,26 @@ def make_betas(
     num_train_timesteps: int = 1000,
     beta_start: float | None = None,
     beta_end: float | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """β_1..β_T (float64) for a named schedule.
+    """β_1..β_T (float64 unless ``dtype``) for a named schedule.
 
     linear: Ho et al. 2020 (1e-4 → 0.02); scaled_linear: Stable Diffusion (√β linear,
     0.00085 → 0.012); cosine: Nichol & Dhariwal 2021 eq. 17 with s=0.008 and β ≤ 0.999.
+    ``dtype=torch.float32`` builds them in float32 as diffusers' schedulers do (``betas_float32``).
     """
     check_choice("beta_schedule", kind, BETA_SCHEDULES)
     check_int("num_train_timesteps", num_train_timesteps, 2)
-    if kind == "cosine":
-        return _cosine_betas(num_train_timesteps)
+    if kind == "cosine":  # diffusers' betas_for_alpha_bar: in float64, then cast
+        return _cosine_betas(num_train_timesteps).to(dtype)
     start, end = _DEFAULT_BETA_RANGE[kind]
     start = start if beta_start is None else beta_start
     end = end if beta_end is None else beta_end
     if not 0.0 < start <= end < 1.0:
         raise ValueError(f"beta_start={start!r}, beta_end={end!r}: need 0 < beta_start <= beta_end < 1")
     if kind == "linear":
-        return torch.linspace(start, end, num_train_timesteps, dtype=torch.float64)
-    return torch.linspace(start**0.5, end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        return torch.linspace(start, end, num_train_timesteps, dtype=dtype)
+    return torch.linspace(start**0.5, end**0.5, num_train_timesteps, dtype=dtype) ** 2
 
 
 def _cosine_betas(num_train_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -91,11 +93,16 @@ class ScheduleConfig:
 class NoiseSchedule:
     """A discrete variance-preserving schedule: β_t, ᾱ_t = ∏(1-β_s), and the forward process."""
 
-    def __init__(self, betas: Tensor) -> None:
+    def __init__(self, betas: Tensor, betas_float32: Tensor | None = None) -> None:
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or betas.numel() < 2 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError(f"betas must be a 1-D tensor of values in (0, 1]; got shape {tuple(betas.shape)}")
         self.betas = betas
+        # β as diffusers' schedulers hold them: built in float32 (``create``), else these β cast, as diffusers'
+        # trained_betas. Only ``sigmas_float32`` uses them.
+        self.betas_float32 = betas.float() if betas_float32 is None else torch.as_tensor(betas_float32).float()
+        if self.betas_float32.shape != betas.shape:
+            raise ValueError(f"betas_float32 has shape {tuple(self.betas_float32.shape)}; need {tuple(betas.shape)}")
         self.alpha_bar = torch.cumprod(1 - betas, dim=0)
         # σ_t = √((1-ᾱ_t)/ᾱ_t): the noise level of the equivalent variance-exploding process.
         ab = self.alpha_bar.clamp(min=_MIN_ALPHA_BAR)
@@ -111,7 +118,10 @@ class NoiseSchedule:
         zero_terminal_snr: bool = False,
     ) -> NoiseSchedule:
         betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
-        return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
+        betas32 = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, dtype=torch.float32)
+        if zero_terminal_snr:
+            betas, betas32 = rescale_zero_terminal_snr(betas), rescale_zero_terminal_snr(betas32)
+        return cls(betas, betas32)
 
     @classmethod
     def from_config(cls, config: ScheduleConfig) -> NoiseSchedule:
@@ -126,6 +136,15 @@ class NoiseSchedule:
     @property
     def num_train_timesteps(self) -> int:
         return self.betas.numel()
+
+    def sigmas_float32(self) -> Tensor:
+        """σ_t (float32, (T,)) as diffusers' schedulers compute them: ((1-ᾱ)/ᾱ)^½ in float32 from the float32
+        cumprod of ``betas_float32`` (SD's: within 1.3e-5 relative of ``sigmas``). DPM++ SDE needs these exact
+        floats (ldm.diffusion.samplers.sde_grid). Only an ᾱ of 0 (zero terminal SNR) is raised, to the ᾱ that
+        ``sigmas`` clamps to, so σ stays finite (DPMSolverSDEScheduler has no zero-SNR option)."""
+        alpha_bar = torch.cumprod(1.0 - self.betas_float32, dim=0)
+        alpha_bar = torch.where(alpha_bar > 0, alpha_bar, _MIN_ALPHA_BAR)
+        return ((1 - alpha_bar) / alpha_bar) ** 0.5
 
     def sigma_at(self, t: Tensor | float) -> Tensor:
         """σ(t) (float64), linear in t between integer timesteps, as k-diffusion and diffusers do."""

@@ -31,13 +31,15 @@ def make_timesteps(
     *,
     continuous: bool = False,
     exclude_final: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Descending timesteps (float32, shape (num_steps,)) for a sampler of ``num_steps`` steps.
+    """Descending timesteps (``dtype``, float32 by default; shape (num_steps,)) for a sampler of ``num_steps`` steps.
 
     ``continuous`` keeps fractional linspace timesteps (the Euler samplers interpolate σ between
     training steps); otherwise they are rounded. ``exclude_final`` lays out N+1 points of the
     leading/linspace grid and drops the smallest, for solvers whose last step goes to σ = 0
-    without evaluating the network there (DPM-Solver, as diffusers lays it out).
+    without evaluating the network there (DPM-Solver, as diffusers lays it out). float64 keeps fractional
+    timesteps as diffusers holds them (numpy float64) where σ is interpolated at them to its float32 rounding.
     """
     check_int("num_train_timesteps", num_train_timesteps, 2)
     check_int("num_steps", num_steps, 1, num_train_timesteps)
@@ -54,7 +56,7 @@ def make_timesteps(
     else:
         steps = np.linspace(0, T - 1, points)[::-1][:n]
         steps = steps if continuous else steps.round()
-    return torch.from_numpy(steps.astype(np.float32).copy())
+    return torch.from_numpy(steps.astype(np.float64).copy()).to(dtype)
 
 
 def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> Tensor:
