@@ -17,7 +17,8 @@ As AUTOMATIC1111's ``FrozenCLIPEmbedderWithCustomWords`` (``modules/sd_hijack_cl
   all 1 is left exactly as the encoder gave it, so a prompt of at most 75 tokens without weighting
   syntax gives bit for bit the context of ``text_encoder(tokenizer(prompts))``.
 
-Not supported: textual-inversion embeddings inside chunks, prompt editing ``[a:b:0.5]``, ``AND``.
+Textual-inversion tokens (``pipe.load_textual_inversion``) are tokens like any other here; unlike A1111, a
+multi-vector one at a chunk's end may be split across two chunks. Not supported: prompt editing ``[a:b:0.5]``, ``AND``.
 """
 
 from __future__ import annotations

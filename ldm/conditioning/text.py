@@ -122,6 +122,30 @@ class TextEncoder(nn.Module):
         self.optional_keys = ("text_projection", "logit_scale")  # a file without them loads (they keep their init)
         self.register_buffer("attn_mask", tower.attn_mask, persistent=False)  # causal, -inf above diagonal
 
+    @property
+    def token_embedding_layer(self) -> nn.Embedding:
+        """The token embedding (rows ≥ ``config.vocab_size`` are appended textual-inversion tokens)."""
+        return self.text_model.embeddings.token_embedding if self.config.kind == "clip" else self.token_embedding
+
+    def append_token_embeddings(self, vectors: Tensor) -> list[int]:
+        """Append ``vectors`` (n, width) as rows of the token embedding (on its device and dtype); their ids."""
+        layer = self.token_embedding_layer
+        if vectors.ndim != 2 or vectors.shape[1] != self.config.width:
+            raise ValueError(f"vectors of shape {tuple(vectors.shape)}; allowed: (n, {self.config.width})")
+        old = layer.weight
+        rows = torch.cat([old.detach(), vectors.detach().to(old.device, old.dtype)])  # (V + n, width)
+        layer.weight = nn.Parameter(rows, requires_grad=old.requires_grad)
+        layer.num_embeddings = rows.shape[0]
+        return list(range(old.shape[0], rows.shape[0]))
+
+    def truncate_token_embeddings(self, rows: int | None = None) -> None:
+        """Drop the token embedding's rows past ``rows`` (default: ``config.vocab_size``, the model's own)."""
+        layer = self.token_embedding_layer
+        rows = self.config.vocab_size if rows is None else check_int("rows", rows, self.config.vocab_size)
+        if layer.weight.shape[0] > rows:
+            layer.weight = nn.Parameter(layer.weight.detach()[:rows].clone(), requires_grad=layer.weight.requires_grad)
+            layer.num_embeddings = rows
+
     def forward(self, token_ids: Tensor, clip_skip: int | None = None) -> Tensor:
         """Context (B, L, width) of ``token_ids`` (B, L); ``clip_skip`` as in the module docstring."""
         skip = self.resolve_clip_skip(clip_skip)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -66,14 +67,47 @@ class ClipTokenizer:
         self.pad_token_id = check_int("pad_token_id", pad_token_id, low=0, high=self.bpe.vocab_size - 1)
         self.start_token_id = self.bpe.sot_token_id  # 49406
         self.end_token_id = self.bpe.eot_token_id  # 49407
+        self.added_tokens: dict[str, tuple[int, ...]] = {}  # textual inversion: token -> its ids (after the vocab)
+        self._added_pattern: re.Pattern[str] | None = None
 
     @property
     def vocab_size(self) -> int:
         return self.bpe.vocab_size
 
     def encode(self, prompt: str) -> list[int]:
-        """BPE ids of ``prompt`` without start/end tokens and without truncation."""
-        return self.bpe.encode(prompt)
+        """BPE ids of ``prompt`` without start/end tokens and without truncation; an added token (matched
+        exactly, anywhere in the text, longest first, as transformers' added tokens) gives its ids."""
+        if self._added_pattern is None:
+            return self.bpe.encode(prompt)
+        ids: list[int] = []
+        for i, piece in enumerate(self._added_pattern.split(prompt)):  # text, token, text, token, …
+            ids.extend(self.added_tokens[piece] if i % 2 else self.bpe.encode(piece))
+        return ids
+
+    def add_token(self, token: str, ids: list[int] | tuple[int, ...]) -> None:
+        """Make the text ``token`` encode to ``ids`` (a textual-inversion token: n ids past the vocabulary)."""
+        if not isinstance(token, str) or not token or token != token.strip():
+            raise ValueError(f"token={token!r} is not allowed; allowed: a non-empty string without outer spaces")
+        if token in self.added_tokens or token in self.bpe.encoder:
+            raise ValueError(f"token={token!r} is already in the tokenizer's vocabulary; allowed: a new token "
+                             "(unload the old one first, or pass another token)")
+        if not ids or any(not isinstance(i, int) or i < self.vocab_size for i in ids):
+            raise ValueError(f"ids={list(ids)!r} for token {token!r}; allowed: one or more ids >= {self.vocab_size}")
+        self.added_tokens[token] = tuple(ids)
+        self._compile_added()
+
+    def remove_token(self, token: str) -> tuple[int, ...]:
+        """Forget an added token; returns its ids."""
+        if token not in self.added_tokens:
+            added = ", ".join(map(repr, self.added_tokens)) or "none"
+            raise ValueError(f"token={token!r} was not added; allowed: {added}")
+        ids = self.added_tokens.pop(token)
+        self._compile_added()
+        return ids
+
+    def _compile_added(self) -> None:
+        tokens = sorted(self.added_tokens, key=len, reverse=True)  # longest first: "<t>_1" before "<t>"
+        self._added_pattern = re.compile("(" + "|".join(map(re.escape, tokens)) + ")") if tokens else None
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         """Tokenize, truncate (keeping the end token, with a logged warning) and pad."""
