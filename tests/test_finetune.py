@@ -130,12 +130,36 @@ def test_lora_lowers_the_loss_and_saves_only_the_adapters(lora_run: LoraRun, dat
     # 1.0 of predicting 0); the full fine-tune below checks that the noise itself is learned.
     before, after = (loss_of(*denoising(load_models(path).unet, data)) for path in (data / "base", out / "merged"))
     assert after < 0.6 * before, (before, after)
-    assert sorted(p.name for p in (out / "model").iterdir()) == ["lora.json", "lora.safetensors"]
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["lora.json", "lora.safetensors",
+                                                                 "pytorch_lora_weights.safetensors"]
     ratio = (out / "model" / "lora.safetensors").stat().st_size / (data / "base" / "unet.safetensors").stat().st_size
     assert ratio < 0.05  # measured: 1.5% (9,984 adapter parameters beside the U-Net's 793k)
     settings, base = read_lora_settings(out / "model")
     assert (settings.rank, settings.alpha, base) == (4, 4.0, str((data / "base").resolve()))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000020", "step-00000025"]
+
+
+@pytest.mark.slow
+def test_the_trained_lora_loads_in_diffusers(lora_run: LoraRun, data: Path, tmp_path: Path) -> None:
+    """diffusers' load_lora_weights(model/) on the base model exported to diffusers gives the image of our merged
+    model (the same latents, 8 DDIM steps): the kohya-layout file the trainer writes is read by diffusers."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from pipelines import TextToImagePipeline
+
+    load_models(data / "base").save(tmp_path / "base-diffusers", to="diffusers")
+    theirs = StableDiffusionPipeline.from_pretrained(tmp_path / "base-diffusers", local_files_only=True)
+    theirs.scheduler = DDIMScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    call = dict(num_inference_steps=8, guidance_scale=5.0, output_type="np")
+    plain = theirs("a red square on the left", latents=latents.clone(), **call).images
+    theirs.load_lora_weights(lora_run.out / "model")
+    adapted = theirs("a red square on the left", latents=latents.clone(), **call).images
+    ours = TextToImagePipeline.from_pretrained(lora_run.out / "merged")("a red square on the left", latents=latents,
+                                                                          sampler="ddim", progress=False, **call).images
+    assert np.abs(adapted - plain).max() > 1e-2  # diffusers loaded something
+    assert np.abs(ours - adapted).max() <= 1e-3  # measured: 2.4e-6 (the LoRA moves the image by 0.84)
 
 
 @pytest.mark.slow

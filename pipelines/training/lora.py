@@ -16,11 +16,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ldm.config import ConfigError, config_from_dict, config_to_dict
 from ldm.io import CheckpointError, export_checkpoint, load_state_dict, read_checkpoint, save_state_dict
 from ldm.io.files import read_json_object, write_text_atomic
+from ldm.io.unet_keys import unet_original_to_diffusers
 from ldm.training.config import TrainConfig
 from ldm.training.ema import EMA
 from ldm.training.loop import unwrap
@@ -30,6 +32,7 @@ from pipelines.training.diffusion import DiffusionTask
 logger = logging.getLogger(__name__)
 
 WEIGHTS, SETTINGS, FORMAT = "lora.safetensors", "lora.json", "ldm-lora"
+SHARED_WEIGHTS = "pytorch_lora_weights.safetensors"  # kohya-ss layout: diffusers and the WebUIs load it
 ADAPTER = "default"  # peft's adapter name; one adapter per model
 
 
@@ -87,14 +90,34 @@ def inject_lora(unet: nn.Module, settings: LoraSettings) -> nn.Module:
 
 
 def save_lora(unet: nn.Module, folder: str | Path, settings: LoraSettings, base_model: str | None) -> None:
-    """Write only the adapters of ``unet``: ``lora.safetensors`` and ``lora.json``."""
+    """Write only the adapters of ``unet``: ``lora.safetensors`` and ``lora.json`` (ours, for resuming and
+    merging) and ``pytorch_lora_weights.safetensors``, the same adapters in the kohya-ss layout that diffusers'
+    ``load_lora_weights(folder)`` and the SD WebUIs load."""
     from peft import get_peft_model_state_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_state_dict(get_peft_model_state_dict(unet, adapter_name=ADAPTER), folder / WEIGHTS)
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    save_state_dict(state, folder / WEIGHTS)
+    save_state_dict(kohya_state_dict(state, unet.config, settings.alpha), folder / SHARED_WEIGHTS)
     meta = {"format": FORMAT, "base_model": base_model, "lora": config_to_dict(settings)}
     write_text_atomic(folder / SETTINGS, json.dumps(meta, indent=2) + "\n")
+
+
+def kohya_state_dict(peft_state: dict[str, Tensor], config: Any, alpha: float) -> dict[str, Tensor]:
+    """Our peft adapters (keys ``input_blocks.1.1…to_q.lora_A.weight``, the original SD layout) as a kohya-ss
+    LoRA: ``lora_unet_<diffusers module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``."""
+    out: dict[str, Tensor] = {}
+    for key, down in peft_state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removesuffix(".lora_A.weight")
+        (renamed,) = unet_original_to_diffusers({f"{module}.weight": down}, config)
+        name = "lora_unet_" + renamed.removesuffix(".weight").replace(".", "_")
+        out[f"{name}.lora_down.weight"] = down
+        out[f"{name}.lora_up.weight"] = peft_state[f"{module}.lora_B.weight"]
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
 
 
 def read_lora_settings(folder: str | Path) -> tuple[LoraSettings, str | None]:
