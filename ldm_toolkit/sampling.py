@@ -57,6 +57,19 @@ def add_semantic(p: argparse.ArgumentParser) -> None:
 def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--num-images", type=int, default=1, help="images: each is written, and a grid of them")
     p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA (kohya/A1111 or diffusers/peft .safetensors) at SCALE (default 1); repeatable")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers learned_embeds); its "
+                   "token is the file's own (A1111: the file name); repeatable")
+
+
+def _lora_argument(text: str) -> tuple[str, float]:
+    path, sep, scale = text.rpartition(":")
+    try:
+        return (path, float(scale)) if sep and path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
 
 
 def check_before_sampling(args: argparse.Namespace) -> None:
@@ -99,6 +112,8 @@ def _apply_png(args: argparse.Namespace) -> None:
     args.model = args.model or made.model or None
     args.num_images = int(made.extra.get("Batch size", 1))
     args.batch_pos = int(made.extra["Batch pos"]) if "Batch pos" in made.extra else None
+    args.lora = made.extra["LoRA"].split(";") if made.extra.get("LoRA") else []
+    args.embedding = made.extra["Embeddings"].split(";") if made.extra.get("Embeddings") else []
     if "Guidance interval" in made.extra:
         args.guidance_interval = interval(made.extra["Guidance interval"])
     if "Class" in made.extra:
@@ -111,6 +126,13 @@ def pipeline(cls: type, args: argparse.Namespace) -> Any:
     pipe = cls.from_pretrained(args.model, device=args.device)
     if args.max_pixels is not None:
         pipe.max_pixels = check_int("--max-pixels", args.max_pixels, 1)
+    loras = [_lora_argument(text) for text in getattr(args, "lora", [])]
+    for i, (path, _) in enumerate(loras):
+        pipe.load_lora_weights(path, adapter_name=f"lora{i}")
+    if loras:
+        pipe.set_adapters([f"lora{i}" for i in range(len(loras))], [scale for _, scale in loras])
+    for path in getattr(args, "embedding", []):
+        pipe.load_textual_inversion(path)
     return pipe
 
 
@@ -175,6 +197,10 @@ def save(out: Any, args: argparse.Namespace, prompt: str, negative: str | None, 
 
     images, output = out.images, Path(args.output)
     width, height = images[0].size
+    if getattr(args, "lora", None):
+        extra["LoRA"] = ";".join(args.lora)
+    if getattr(args, "embedding", None):
+        extra["Embeddings"] = ";".join(args.embedding)
     made = GenerationParameters(prompt, negative, args.steps, args.sampler, args.guidance, out.seed, width, height,
                                 str(args.model), dict(extra))
     position = getattr(args, "batch_pos", None)

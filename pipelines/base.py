@@ -23,9 +23,11 @@ from ldm.diffusion.denoiser import DenoiserLike
 from ldm.diffusion.inpainting import KnownRegion, keep_known
 from ldm.diffusion.samplers import Callback, sample
 from ldm.validation import check_choice, check_float, check_int
+from pipelines.lora import LoraMixin
 from pipelines.memory import MemorySwitches
 from pipelines.models import Models, load_models
 from pipelines.options import OUTPUT_TYPES, Conditioning, SamplingOptions
+from pipelines.textual_inversion import TextualInversionMixin
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ def resolve_source(source: str | Path) -> Path:
     return Path(source)
 
 
-class Pipeline(MemorySwitches):
+class Pipeline(MemorySwitches, TextualInversionMixin, LoraMixin):
     """Holds the models; a subclass's ``__call__`` builds its :class:`Conditioning` and
     :class:`SamplingOptions` and calls :meth:`generate`.
 

@@ -349,3 +349,36 @@ def test_an_upscale_over_max_pixels_stops_before_sampling(models: dict[str, Path
     code, _, err = run(small + ["--max-pixels", "6400", "--steps", "2"], capsys)
     assert code == 0, err
     assert Image.open(tmp_path / "high.png").size == (80, 80)
+
+
+def test_lora_and_embedding_options(models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    from pipelines import load_models
+    from pipelines.training.lora import kohya_state_dict
+
+    unet = load_models(models["t2i"]).unet
+    g = torch.Generator().manual_seed(0)
+    peft_state = {}
+    for name, module in unet.named_modules():
+        if name.endswith(("to_q", "to_v")):
+            peft_state[f"{name}.lora_A.weight"] = torch.randn(2, module.in_features, generator=g)
+            peft_state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=g)
+    save_file(kohya_state_dict(peft_state, unet.config, 2.0), tmp_path / "style.safetensors")
+    save_file({"<shiny>": torch.randn(32, generator=g)}, tmp_path / "learned_embeds.safetensors")
+    base = ["generate", "a <shiny> red circle", "--model", str(models["t2i"]), "--steps", "3", "--seed", "4"]
+    outputs = {}
+    for name, extra in (("plain", []), ("lora", ["--lora", f"{tmp_path / 'style.safetensors'}:0.5"]),
+                        ("both", ["--lora", str(tmp_path / "style.safetensors"),
+                                  "--embedding", str(tmp_path / "learned_embeds.safetensors")])):
+        code, _, err = run([*base, *extra, "-o", str(tmp_path / f"{name}.png")], capsys)
+        assert code == 0, err
+        outputs[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
+    assert np.abs(outputs["lora"] - outputs["plain"]).max() > 0 and np.abs(outputs["both"] - outputs["lora"]).max() > 0
+    assert "LoRA: " in Image.open(tmp_path / "both.png").text["parameters"]
+    code, _, err = run(["generate", "--from-png", str(tmp_path / "both.png"), "-o", str(tmp_path / "again.png")],
+                       capsys)
+    assert code == 0 and np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), outputs["both"]), err
+    code, _, err = run([*base, "--lora", str(tmp_path / "learned_embeds.safetensors"), "-o", str(tmp_path / "x.png")],
+                       capsys)
+    assert code == 2 and err.count("\n") == 1 and "learned_embeds.safetensors" in err, err
