@@ -273,3 +273,29 @@ def test_finetune_configs_are_checked(data: Path, capsys: pytest.CaptureFixture,
     assert cli_main(finetune_args(data, data / "bad", 1, *sets)) == 2
     assert message in capsys.readouterr().err
     assert not (data / "bad").exists()
+
+
+@pytest.mark.slow
+def test_an_adapter_folder_of_earlier_versions_loads_with_its_alpha(lora_run: LoraRun, data: Path,
+                                                                   tmp_path: Path) -> None:
+    """Folders written before the kohya file existed hold lora.safetensors (our layout) and lora.json, whose alpha
+    the loader reads: alpha 8 at rank 4 here, so a loader that took alpha = rank would be off by a factor 2."""
+    import shutil
+
+    from pipelines import TextToImagePipeline
+
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(lora_run.out / "model" / "lora.safetensors", old)
+    meta = json.loads((lora_run.out / "model" / "lora.json").read_text())
+    meta["lora"]["alpha"] = 8.0
+    (old / "lora.json").write_text(json.dumps(meta))
+    pipe = TextToImagePipeline.from_pretrained(data / "base")
+    pipe.load_lora_weights(old)
+    settings = pipelines.training.lora.LoraSettings(**{**meta["lora"], "target_modules": tuple(ADAPTED)})
+    models = load_lora(load_models(data / "base"), lora_run.out / "model")
+    for name, layer in pipelines.training.lora.lora_layers(models.unet).items():
+        layer.scaling["default"] = settings.alpha / settings.rank  # the same adapters at alpha 8
+    expected = unet_output(models.unet)
+    pipe.fuse_lora()
+    torch.testing.assert_close(unet_output(pipe.unet), expected, rtol=0, atol=1e-5)

@@ -136,7 +136,20 @@ def read_lora(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None,
     (our ``UNet``) and ``text_encoder`` (our ``TextEncoder``, kind clip or openclip)."""
     path = lora_file(path, weight_name)
     state = load_state_dict(path)
-    return lora_from_state_dict(state, unet, text_encoder, str(path), read_metadata(path))
+    return lora_from_state_dict(state, unet, text_encoder, str(path), read_metadata(path) or _ldm_lora_alpha(path))
+
+
+def _ldm_lora_alpha(path: Path) -> dict[str, Any]:
+    """α of an adapter folder written by earlier ``ldm finetune`` runs (``lora.safetensors`` in our layout beside
+    ``lora.json``, whose ``lora.alpha`` the file itself does not carry), as diffusers' metadata; {} otherwise."""
+    settings = path.with_name("lora.json")
+    if path.name != "lora.safetensors" or not settings.is_file():
+        return {}
+    from ldm.io.files import read_json_object
+
+    meta = read_json_object(settings)
+    alpha = (meta.get("lora") or {}).get("alpha") if meta.get("format") == "ldm-lora" else None
+    return {} if alpha is None else {"unet.lora_alpha": float(alpha)}
 
 
 def lora_from_state_dict(state: Mapping[str, Tensor], unet: nn.Module, text_encoder: nn.Module | None,
