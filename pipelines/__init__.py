@@ -2,6 +2,7 @@
 
 from pipelines.base import PipelineOutput
 from pipelines.classifier_guided import ClassifierGuidedPipeline
+from pipelines.controlnet import ControlNetPipeline
 from pipelines.image_to_image import ImageToImagePipeline
 from pipelines.inpaint import InpaintPipeline
 from pipelines.models import Models, load_models
@@ -13,6 +14,7 @@ from pipelines.text_to_image import TextToImagePipeline
 __all__ = [
     "ClassifierGuidedPipeline",
     "Conditioning",
+    "ControlNetPipeline",
     "ImageToImagePipeline",
     "InpaintPipeline",
     "Models",

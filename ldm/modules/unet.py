@@ -136,8 +136,9 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-class UNet(nn.Module):
-    """ε/v-prediction U-Net ``forward(x, t, context, y) -> (B, out_channels, H, W)``."""
+class UNetEncoder(nn.Module):
+    """The U-Net's embedding, encoder and middle block (``time_embed``, ``label_emb``, ``input_blocks``,
+    ``middle_block``): what :class:`UNet` and a ControlNet (ldm.modules.controlnet) share, key for key."""
 
     def __init__(self, config: UNetConfig | None = None) -> None:
         super().__init__()
@@ -147,20 +148,13 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if config.num_classes is not None:
             self.label_emb = nn.Embedding(config.num_classes, emb_dim)
-        self.input_blocks, skip_channels = self._encoder()
-        ch = skip_channels[-1]
+        self.input_blocks, self.skip_channels = self._encoder()
+        ch = self.skip_channels[-1]
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, ch, emb_dim, config.norm_groups),
             self._transformer(ch),
             ResBlock(ch, ch, emb_dim, config.norm_groups),
         )
-        self.output_blocks = self._decoder(skip_channels)
-        ch = config.level_channels[0]
-        self.out = nn.Sequential(
-            nn.GroupNorm(config.norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, config.out_channels, 3, padding=1)
-        )
-        nn.init.zeros_(self.out[2].weight)  # zero_module in CompVis
-        nn.init.zeros_(self.out[2].bias)
 
     def _encoder(self) -> tuple[nn.ModuleList, list[int]]:
         """conv_in, then per level num_res_blocks × (ResBlock[, transformer]) and a Downsample
@@ -178,20 +172,6 @@ class UNet(nn.Module):
                 skip_channels.append(channels)
         return blocks, skip_channels
 
-    def _decoder(self, skip_channels: list[int]) -> nn.ModuleList:
-        """Per level, deepest first, num_res_blocks + 1 × (ResBlock[, transformer]) on [h; skip],
-        the last one followed by an Upsample (none at level 0)."""
-        c, blocks = self.config, nn.ModuleList()
-        skip_channels, ch = list(skip_channels), skip_channels[-1]
-        for level in reversed(range(len(c.channel_mult))):
-            for i in range(c.num_res_blocks + 1):
-                block = self._res_attn(level, ch + skip_channels.pop(), c.level_channels[level])
-                ch = c.level_channels[level]
-                if level and i == c.num_res_blocks:
-                    block.append(Upsample(ch))
-                blocks.append(block)
-        return blocks
-
     def _res_attn(self, level: int, ch_in: int, ch_out: int) -> TimestepEmbedSequential:
         c = self.config
         block = TimestepEmbedSequential(ResBlock(ch_in, ch_out, 4 * c.model_channels, c.norm_groups))
@@ -206,7 +186,7 @@ class UNet(nn.Module):
             channels, heads, dim_head, c.transformer_depth, c.context_dim, c.use_linear_projection, c.norm_groups
         )
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> UNet:
+    def enable_gradient_checkpointing(self, enabled: bool = True):
         """Recompute each block's activations in the backward pass instead of keeping them (Chen et al. 2016):
         less memory for more compute, while training; the outputs and gradients are the same."""
         if not isinstance(enabled, bool):
@@ -239,22 +219,74 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y.to(x.device)).to(emb.dtype)
         return emb
 
-    def forward(
-        self, x: Tensor, t: Tensor | float | int, context: Tensor | None = None, y: Tensor | None = None
-    ) -> Tensor:
-        """x (B, in_channels, H, W), t (B,) or scalar, context (B, L, context_dim), y (B,) labels
-        → (B, out_channels, H, W)."""
+    def check_inputs(self, x: Tensor, context: Tensor | None) -> None:
+        """``ValueError`` unless x is (B, in_channels, H, W) and context (B, L, context_dim)."""
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, {self.config.in_channels}, H, W)")
         if context is None or context.ndim != 3 or context.shape[-1] != self.config.context_dim:
             got = None if context is None else tuple(context.shape)
             raise ValueError(f"context has shape {got}; expected (B, L, {self.config.context_dim})")
-        emb = self.embed(x, t, y)
-        h, context, skips = x.to(emb.dtype), context.to(emb.dtype), []
-        for block in self.input_blocks:
+
+    def encode(self, h: Tensor, emb: Tensor, context: Tensor,
+               added: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        """(the input blocks' outputs, the skips; the middle block's output) of ``h``; ``added`` (a ControlNet's
+        embedded hint) is added to the first block's (conv_in's) output."""
+        skips = []
+        for i, block in enumerate(self.input_blocks):
             h = self._run(block, h, emb, context)
+            if i == 0 and added is not None:
+                h = h + added
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context)
+        return skips, self._run(self.middle_block, h, emb, context)
+
+
+class UNet(UNetEncoder):
+    """ε/v-prediction U-Net ``forward(x, t, context, y) -> (B, out_channels, H, W)``."""
+
+    def __init__(self, config: UNetConfig | None = None) -> None:
+        super().__init__(config)
+        config = self.config
+        self.output_blocks = self._decoder(self.skip_channels)
+        ch = config.level_channels[0]
+        self.out = nn.Sequential(
+            nn.GroupNorm(config.norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, config.out_channels, 3, padding=1)
+        )
+        nn.init.zeros_(self.out[2].weight)  # zero_module in CompVis
+        nn.init.zeros_(self.out[2].bias)
+
+    def _decoder(self, skip_channels: list[int]) -> nn.ModuleList:
+        """Per level, deepest first, num_res_blocks + 1 × (ResBlock[, transformer]) on [h; skip],
+        the last one followed by an Upsample (none at level 0)."""
+        c, blocks = self.config, nn.ModuleList()
+        skip_channels, ch = list(skip_channels), skip_channels[-1]
+        for level in reversed(range(len(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                block = self._res_attn(level, ch + skip_channels.pop(), c.level_channels[level])
+                ch = c.level_channels[level]
+                if level and i == c.num_res_blocks:
+                    block.append(Upsample(ch))
+                blocks.append(block)
+        return blocks
+
+    def forward(
+        self, x: Tensor, t: Tensor | float | int, context: Tensor | None = None, y: Tensor | None = None,
+        down_residuals: list[Tensor] | tuple[Tensor, ...] | None = None, mid_residual: Tensor | None = None,
+    ) -> Tensor:
+        """x (B, in_channels, H, W), t (B,) or scalar, context (B, L, context_dim), y (B,) labels
+        → (B, out_channels, H, W). ``down_residuals`` (one per input block, shaped as its output) are added to
+        the skips and ``mid_residual`` to the middle block's output: a ControlNet's control (Zhang et al. 2023,
+        eq. 4; diffusers' down_block_additional_residuals / mid_block_additional_residual)."""
+        self.check_inputs(x, context)
+        emb = self.embed(x, t, y)
+        context = context.to(emb.dtype)
+        skips, h = self.encode(x.to(emb.dtype), emb, context)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals has {len(down_residuals)} tensors; expected {len(skips)}, "
+                                 "one per input block")
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals)]
+        if mid_residual is not None:
+            h = h + mid_residual
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             size = skips[-1].shape[-2:] if skips else None  # the next skip's size: odd sizes round-trip
