@@ -20,7 +20,8 @@ EXAMPLES = {
     "generate": 'ldm generate "a red circle in the top left" -o out.png\n'
     'ldm generate "a blue square" -n 4 --steps 25 --guidance 7.5 --sampler dpmpp_2m --seed 1 -o grid.png\n'
     'ldm generate "" --model demo-classifier --class triangle --classifier-scale 10 -o tri.png\n'
-    "ldm generate --from-png out.png -o again.png  # the same image, from the parameters out.png carries",
+    "ldm generate --from-png out.png -o again.png  # the same image, from the parameters out.png carries\n"
+    'ldm generate "a house" --model v1-5.safetensors --control sd-controlnet-canny/=edges.png:0.8',
     "inpaint": 'ldm inpaint photo.png mask.png "a yellow triangle" -o filled.png --mask-blur 2\n'
     'ldm inpaint photo.png mask.png "a red circle" --model sd-inpainting.safetensors --steps 30 -n 4',
     "upscale": "ldm upscale low.png -o high.png --model demo-sr",
@@ -42,6 +43,9 @@ EXAMPLES = {
     "accelerate launch --multi_gpu --num_processes 2 -m ldm_toolkit.train configs/demo/clip-smoke.yaml --task clip",
     "finetune": "ldm finetune configs/demo/finetune-smoke.yaml --set model.init_from=runs/smoke/model\n"
     "ldm finetune configs/demo/finetune-smoke.yaml --set data.kind=folder --set data.path=my-images --set lora=null",
+    "train-ti": "ldm train-ti configs/demo/ti-smoke.yaml --set model.init_from=runs/smoke/model\n"
+    "ldm train-ti configs/demo/ti-smoke.yaml --set data.kind=folder --set data.path=my-images "
+    "--set ti.token='<my-thing>' --set ti.init_word=toy --set ti.templates=[]",
 }
 
 
@@ -101,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("train-clip", _add_train, _train, "train a CLIP contrastively on shapes images and captions, with hard "
          "negatives; it saves as transformers' CLIPModel"),
         ("finetune", _add_train, _train, "fine-tune a model (fully, or LoRA with lora:) and export it to diffusers"),
+        ("train-ti", _add_train, _train, "textual inversion: learn a new token's embedding (ti:) on a folder of "
+         "images, the model frozen; writes learned_embeds.safetensors"),
         ("eval", _add_eval, _eval, "measure a model on held-out shapes samples: JSON report, plot and grids"),
         ("samplers", lambda p: None, _samplers, "list the samplers --sampler takes, with their WebUI names"),
     ):
@@ -189,7 +195,7 @@ def _train(args: argparse.Namespace) -> None:
 
     logging.getLogger().setLevel(logging.INFO)
     args.task = {"train": "diffusion", "train-autoencoder": "autoencoder", "train-classifier": "classifier",
-                 "finetune": "finetune", "train-clip": "clip"}[args.command]
+                 "finetune": "finetune", "train-clip": "clip", "train-ti": "ti"}[args.command]
     run(args)
 
 

@@ -26,6 +26,9 @@ def add_generate(p: argparse.ArgumentParser) -> None:
                    help="target class (index or name) for classifier guidance")
     p.add_argument("--classifier-scale", type=float, default=10.0,
                    help="classifier guidance scale (default: %(default)s)")
+    p.add_argument("--control", action="append", default=[], metavar="CONTROLNET=IMAGE[:SCALE]",
+                   help="a ControlNet (diffusers folder or original file) and its control image, at SCALE "
+                   "(default 1); repeatable: several ControlNets")
     p.add_argument("--from-png", default=None, metavar="FILE",
                    help="make FILE's image again from the parameters it carries (prompt, negative prompt, seed, "
                    "steps, sampler, guidance, size, batch; --model overrides its model)")
@@ -83,6 +86,11 @@ def check_before_sampling(args: argparse.Namespace) -> None:
     args.model = args.model or args.default_model
     args.seed = None if args.seed == -1 else args.seed
     check_png_output(args.output)
+    for text in getattr(args, "control", []):
+        net, image, _ = _control_argument(text)
+        for what, path in (("ControlNet", net), ("control image", image)):
+            if not Path(path).exists():
+                raise ValueError(f"--control={text!r}: the {what} {path!r} does not exist")
     if getattr(args, "classifier", None) and args.class_label is None:
         raise ValueError(f"--classifier={args.classifier!r} is not allowed without --class; allowed: --class NAME "
                          "or INDEX with it")
@@ -113,6 +121,7 @@ def _apply_png(args: argparse.Namespace) -> None:
     args.num_images = int(made.extra.get("Batch size", 1))
     args.batch_pos = int(made.extra["Batch pos"]) if "Batch pos" in made.extra else None
     args.lora = made.extra["LoRA"].split(";") if made.extra.get("LoRA") else []
+    args.control = made.extra["Control"].split(";") if made.extra.get("Control") else []
     args.embedding = made.extra["Embeddings"].split(";") if made.extra.get("Embeddings") else []
     if "Guidance interval" in made.extra:
         args.guidance_interval = interval(made.extra["Guidance interval"])
@@ -142,7 +151,10 @@ def generate(args: argparse.Namespace) -> None:
     common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed,
                   num_images_per_prompt=args.num_images)
     extra: dict[str, Any] = {}
-    if args.class_label is None:
+    if args.control:
+        out = _controlled(args, common)
+        extra["Control"] = ";".join(args.control)
+    elif args.class_label is None:
         pipe = pipeline(TextToImagePipeline, args)
         out = pipe(args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
                    guidance_interval=args.guidance_interval, **common)
@@ -158,6 +170,25 @@ def generate(args: argparse.Namespace) -> None:
                    **common)
         extra = {"Class": args.class_label, "Classifier scale": f"{args.classifier_scale:g}"}
     save(out, args, args.prompt, args.negative, **extra)
+
+
+def _control_argument(text: str) -> tuple[str, str, float]:
+    net, sep, rest = text.partition("=")
+    if not sep or not net or not rest:
+        raise ValueError(f"--control={text!r} is not allowed; allowed: CONTROLNET=IMAGE or CONTROLNET=IMAGE:SCALE")
+    image, scale = _lora_argument(rest)
+    return net, image, scale
+
+
+def _controlled(args: argparse.Namespace, common: dict[str, Any]) -> Any:
+    from pipelines import ControlNetPipeline
+
+    controls = [_control_argument(text) for text in args.control]
+    pipe = pipeline(ControlNetPipeline, args)
+    pipe.controlnet = [net for net, _, _ in controls]
+    return pipe(args.prompt, [image for _, image, _ in controls], negative_prompt=args.negative,
+                controlnet_conditioning_scale=[scale for _, _, scale in controls], height=args.height,
+                width=args.width, **common)
 
 
 def inpaint(args: argparse.Namespace) -> None:

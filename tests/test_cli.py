@@ -382,3 +382,27 @@ def test_lora_and_embedding_options(models: dict[str, Path], tmp_path: Path, cap
     code, _, err = run([*base, "--lora", str(tmp_path / "learned_embeds.safetensors"), "-o", str(tmp_path / "x.png")],
                        capsys)
     assert code == 2 and err.count("\n") == 1 and "learned_embeds.safetensors" in err, err
+
+
+def test_control_option_runs_a_controlnet(models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from sd_fixtures import randomize
+
+    from ldm.io.controlnet_keys import write_controlnet_diffusers
+    from ldm.modules.controlnet import ControlNet
+    from pipelines import load_models
+
+    net = ControlNet.from_unet(load_models(models["t2i"]).unet, hint_block_channels=(16, 32))  # f = 2 hints
+    randomize(net, 5)  # zero convs would add nothing
+    write_controlnet_diffusers(net, tmp_path / "cn")
+    hint = np.zeros((16, 16, 3), np.uint8)
+    hint[4:12, 4:12] = 255
+    Image.fromarray(hint).save(tmp_path / "hint.png")
+    base = ["generate", "a red circle", "--model", str(models["t2i"]), "--steps", "3", "--seed", "2"]
+    assert run([*base, "-o", str(tmp_path / "plain.png")], capsys)[0] == 0
+    code, _, err = run([*base, "--control", f"{tmp_path / 'cn'}={tmp_path / 'hint.png'}:0.8",
+                        "-o", str(tmp_path / "ctl.png")], capsys)
+    assert code == 0, err
+    plain, ctl = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("plain", "ctl"))
+    assert np.abs(plain - ctl).max() > 0 and "Control: " in Image.open(tmp_path / "ctl.png").text["parameters"]
+    code, _, err = run([*base, "--control", f"{tmp_path / 'cn'}={tmp_path / 'missing.png'}"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "the control image" in err and "does not exist" in err
