@@ -49,10 +49,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def read_config(args: argparse.Namespace) -> TrainConfig:
     overrides = {"output_dir": args.output_dir, "max_steps": args.max_steps,
                  "checkpoint_every": args.checkpoint_every, "seed": args.seed}
-    return load_train_config(args.config, overrides, args.set)
+    return load_train_config(args.config, overrides, args.set, task_defaults(getattr(args, "task", "diffusion")))
 
 
-TASKS = ("diffusion", "autoencoder", "classifier", "finetune", "clip")
+TASKS = ("diffusion", "autoencoder", "classifier", "finetune", "clip", "ti")
+
+
+def task_defaults(task: str) -> dict[str, Any]:
+    """Config defaults of ``task`` that differ from TrainConfig's (dotted key -> value; the file may set them)."""
+    if task == "ti":
+        from pipelines.training.textual_inversion import DEFAULTS
+
+        return DEFAULTS
+    return {}
 
 
 def build_dataset(data: DataConfig, task: str = "diffusion") -> Any:
@@ -171,6 +180,10 @@ def run(args: argparse.Namespace) -> None:
         from pipelines.training.lora import check_finetune
 
         check_finetune(config, args.config)
+    if task == "ti":
+        from pipelines.training.textual_inversion import check_textual_inversion
+
+        check_textual_inversion(config, args.config)
     with RunLock(config.output_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
         check_resume_config(config, getattr(args, "allow_config_change", []))
         _train(task, config, build_dataset(config.data, task), args.config)
@@ -179,6 +192,10 @@ def run(args: argparse.Namespace) -> None:
 def _train(task: str, config: TrainConfig, dataset: Any, source: str) -> None:
     from ldm.training.loop import run_training
 
+    if task == "ti":  # before any model is built
+        from pipelines.training.textual_inversion import check_captions, check_textual_inversion
+
+        check_captions(dataset, check_textual_inversion(config, source))
     torch.manual_seed(config.seed)  # weight initialisation of whatever is built from configs (and LoRA's A)
     trainer = build_task(task, config, source)
     final = run_training(config, trainer, dataset, on_checkpoint=checkpoint_hooks(config, task))
@@ -273,6 +290,10 @@ def build_task(task: str, config: TrainConfig, source: str) -> Any:
         from pipelines.training.lora import finetune_task
 
         return finetune_task(config, models, source)
+    if task == "ti":
+        from pipelines.training.textual_inversion import textual_inversion_task
+
+        return textual_inversion_task(config, models, source)
     from pipelines.training.diffusion import DiffusionTask
 
     return DiffusionTask(config, models)

@@ -138,6 +138,22 @@ class TextEncoder(nn.Module):
         layer.num_embeddings = rows.shape[0]
         return list(range(old.shape[0], rows.shape[0]))
 
+    def splice_token_embeddings(self, vectors: Tensor) -> list[int]:
+        """Make ``vectors`` (n, width) trainable token rows after the embedding's own (textual-inversion training):
+        the layer becomes a :class:`SplicedEmbedding` whose only parameter with a gradient is ``added``, so an
+        optimizer holds n × width numbers, not the vocabulary. Returns the n new ids."""
+        layer = self.token_embedding_layer
+        if isinstance(layer, SplicedEmbedding):
+            raise ValueError("the token embedding already has spliced rows; allowed: one spliced embedding")
+        if vectors.ndim != 2 or vectors.shape[1] != self.config.width:
+            raise ValueError(f"vectors of shape {tuple(vectors.shape)}; allowed: (n, {self.config.width})")
+        spliced = SplicedEmbedding(layer, vectors)
+        if self.config.kind == "clip":
+            self.text_model.embeddings.token_embedding = spliced
+        else:
+            self.token_embedding = spliced
+        return list(range(layer.num_embeddings, spliced.num_embeddings))
+
     def truncate_token_embeddings(self, rows: int | None = None) -> None:
         """Drop the token embedding's rows past ``rows`` (default: ``config.vocab_size``, the model's own)."""
         layer = self.token_embedding_layer
@@ -174,6 +190,34 @@ class TextEncoder(nn.Module):
         for block in blocks:
             x = block(x, attn_mask=self.attn_mask[:length, :length])
         return self.ln_final(x)
+
+
+class SplicedEmbedding(nn.Module):
+    """A frozen token embedding ``base`` (V, D) and trainable rows ``added`` (n, D) read as one table of V + n
+    rows: ids < V look up ``base``, ids V … V+n-1 the rows of ``added`` (bit for bit the lookup into their
+    concatenation, without copying the V rows at each call)."""
+
+    def __init__(self, base: nn.Embedding, added: Tensor) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.added = nn.Parameter(added.detach().clone().to(base.weight.device, base.weight.dtype))
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings + self.added.shape[0]
+
+    @property
+    def weight(self) -> Tensor:
+        """The whole table (V + n, D), for reading."""
+        return torch.cat([self.base.weight, self.added])
+
+    def forward(self, ids: Tensor) -> Tensor:
+        vocab, n = self.base.num_embeddings, self.added.shape[0]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab + n):
+            raise IndexError(f"token ids must lie in [0, {vocab + n}); got {int(ids.min())}..{int(ids.max())}")
+        new = ids >= vocab  # (B, L)
+        rows = self.base(ids.clamp(max=vocab - 1))  # (B, L, D)
+        return torch.where(new[..., None], nn.functional.embedding((ids - vocab).clamp(min=0), self.added), rows)
 
 
 def clip_skip_from_diffusers(diffusers_clip_skip: int | None, config: TextEncoderConfig) -> int | None:

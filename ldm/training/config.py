@@ -157,6 +157,9 @@ class TrainConfig:
     eval_count: int = 300
     eval_seed: int = 4002
     lora: dict[str, Any] | None = None  # finetune: {"rank": 4, "alpha": 4} trains LoRA adapters only
+    # train-ti: {"token": "<my-thing>", "init_word": "square", "num_vectors": 1, "templates": ["a photo of {}"]}
+    # (pipelines.training.textual_inversion.TextualInversionSettings)
+    ti: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_steps"):
@@ -170,9 +173,14 @@ OVERRIDES = {"output_dir": "output_dir", "max_steps": "optim.max_steps", "checkp
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None,
-                      sets: list[str] | None = None) -> TrainConfig:
-    """Read ``path``, apply ``--set key.sub=value`` strings and the named overrides, and validate."""
+                      sets: list[str] | None = None, defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """Read ``path``, apply ``--set key.sub=value`` strings and the named overrides, and validate. ``defaults``
+    (dotted key -> value) replace the dataclass defaults where the file does not set the key (a trainer's own
+    defaults, e.g. no condition dropout for textual inversion)."""
     data = load_yaml(path)
+    for dotted, value in (defaults or {}).items():
+        if not _is_set(data, dotted):
+            _assign(data, dotted, value, str(path))
     for item in sets or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -186,6 +194,15 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None,
         if value is not None:
             _assign(data, OVERRIDES[name], value, str(path))
     return config_from_dict(TrainConfig, data, str(path))
+
+
+def _is_set(data: dict[str, Any], dotted: str) -> bool:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _assign(data: dict[str, Any], dotted: str, value: Any, source: str) -> None:
