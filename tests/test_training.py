@@ -206,7 +206,11 @@ def test_a_second_ldm_train_beside_a_running_one_leaves_its_checkpoints_whole(un
     log, deadline = out / "log.jsonl", time.time() + 240
     while not (log.exists() and log.read_text().strip()) and first.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    second = subprocess.run(train_command(out), env=ENV, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    first.send_signal(signal.SIGSTOP)  # held mid-run (its lock too) while the second starts, however fast it trains
+    try:
+        second = subprocess.run(train_command(out), env=ENV, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
     marker = out / "checkpoints" / "step-00000003" / "state.json"
     while not marker.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -302,7 +306,7 @@ def write_config(tmp_path: Path, text: str) -> str:
         ("keep_checkpoints: -1\n", "keep_checkpoints=-1 is out of range; allowed: an integer >= 1"),
         ("checkpoint_every: 0\n", "checkpoint_every=0 is out of range; allowed: an integer >= 1"),
         ("eval_every: -5\n", "eval_every=-5 is out of range"),
-        ("optim: {lr: .inf}\n", "optim.lr=inf is out of range; allowed: a finite number in (0, inf)"),
+        ("optim: {lr: .inf}\n", "optim.lr=inf is out of range; allowed: a finite number in [0, inf)"),
         ("optim: {lr: -1.0}\n", "optim.lr=-1.0 is out of range"),
         ("optim: {max_grad_norm: .nan}\n", "optim.max_grad_norm=nan is out of range"),
         ("optim: {betas: [0.9, 1.0]}\n", "optim.betas=1.0 is out of range; allowed: a finite number in [0, 1)"),

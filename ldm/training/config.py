@@ -88,7 +88,7 @@ class OptimConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range; allowed: an integer >= 1")
         check_float("optim.text_encoder_lr_scale", self.text_encoder_lr_scale, 0.0)
-        check_float("optim.lr", self.lr, 0.0, low_open=True)
+        check_float("optim.lr", self.lr, 0.0)  # 0: no update (a run that only exports or measures)
         check_float("optim.weight_decay", self.weight_decay, 0.0)
         check_float("optim.max_grad_norm", self.max_grad_norm, 0.0)  # 0: no clipping
         check_int("optim.warmup_steps", self.warmup_steps, 0)
