@@ -46,6 +46,9 @@ EXAMPLES = {
     "train-ti": "ldm train-ti configs/demo/ti-smoke.yaml --set model.init_from=runs/smoke/model\n"
     "ldm train-ti configs/demo/ti-smoke.yaml --set data.kind=folder --set data.path=my-images "
     "--set ti.token='<my-thing>' --set ti.init_word=toy --set ti.templates=[]",
+    "train-controlnet": "ldm train-controlnet configs/demo/controlnet-smoke.yaml "
+    "--set model.init_from=runs/smoke/model\n"
+    "accelerate launch -m ldm_toolkit.train configs/demo/controlnet-smoke.yaml --task controlnet",
 }
 
 
@@ -107,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("finetune", _add_train, _train, "fine-tune a model (fully, or LoRA with lora:) and export it to diffusers"),
         ("train-ti", _add_train, _train, "textual inversion: learn a new token's embedding (ti:) on a folder of "
          "images, the model frozen; writes learned_embeds.safetensors"),
+        ("train-controlnet", _add_train, _train, "train a ControlNet (controlnet:) on a frozen model, the hint the "
+         "semantic map as an RGB image; writes a diffusers ControlNetModel folder"),
         ("eval", _add_eval, _eval, "measure a model on held-out shapes samples: JSON report, plot and grids"),
         ("samplers", lambda p: None, _samplers, "list the samplers --sampler takes, with their WebUI names"),
     ):
@@ -195,7 +200,8 @@ def _train(args: argparse.Namespace) -> None:
 
     logging.getLogger().setLevel(logging.INFO)
     args.task = {"train": "diffusion", "train-autoencoder": "autoencoder", "train-classifier": "classifier",
-                 "finetune": "finetune", "train-clip": "clip", "train-ti": "ti"}[args.command]
+                 "finetune": "finetune", "train-clip": "clip", "train-ti": "ti",
+                 "train-controlnet": "controlnet"}[args.command]
     run(args)
 
 

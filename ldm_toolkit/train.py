@@ -52,13 +52,17 @@ def read_config(args: argparse.Namespace) -> TrainConfig:
     return load_train_config(args.config, overrides, args.set, task_defaults(getattr(args, "task", "diffusion")))
 
 
-TASKS = ("diffusion", "autoencoder", "classifier", "finetune", "clip", "ti")
+TASKS = ("diffusion", "autoencoder", "classifier", "finetune", "clip", "ti", "controlnet")
 
 
 def task_defaults(task: str) -> dict[str, Any]:
     """Config defaults of ``task`` that differ from TrainConfig's (dotted key -> value; the file may set them)."""
     if task == "ti":
         from pipelines.training.textual_inversion import DEFAULTS
+
+        return DEFAULTS
+    if task == "controlnet":
+        from pipelines.training.controlnet import DEFAULTS
 
         return DEFAULTS
     return {}
@@ -184,6 +188,10 @@ def run(args: argparse.Namespace) -> None:
         from pipelines.training.textual_inversion import check_textual_inversion
 
         check_textual_inversion(config, args.config)
+    if task == "controlnet":
+        from pipelines.training.controlnet import check_controlnet
+
+        check_controlnet(config, args.config)
     with RunLock(config.output_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
         check_resume_config(config, getattr(args, "allow_config_change", []))
         _train(task, config, build_dataset(config.data, task), args.config)
@@ -294,6 +302,10 @@ def build_task(task: str, config: TrainConfig, source: str) -> Any:
         from pipelines.training.textual_inversion import textual_inversion_task
 
         return textual_inversion_task(config, models, source)
+    if task == "controlnet":
+        from pipelines.training.controlnet import controlnet_task
+
+        return controlnet_task(config, models, source)
     from pipelines.training.diffusion import DiffusionTask
 
     return DiffusionTask(config, models)

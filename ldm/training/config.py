@@ -160,6 +160,9 @@ class TrainConfig:
     # train-ti: {"token": "<my-thing>", "init_word": "square", "num_vectors": 1, "templates": ["a photo of {}"]}
     # (pipelines.training.textual_inversion.TextualInversionSettings)
     ti: dict[str, Any] | None = None
+    # train-controlnet: {"hint": "semantic", "hint_block_channels": []}
+    # (pipelines.training.controlnet.ControlNetSettings)
+    controlnet: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_steps"):
