@@ -17,7 +17,6 @@ and ``model/controlnet.json`` (the settings and the base model's path, for resum
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,17 +25,18 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from ldm.config import ConfigError, config_from_dict, config_to_dict
+from ldm.config import ConfigError, config_from_dict
 from ldm.diffusion import diffusion_loss
 from ldm.io import CheckpointError
 from ldm.io.controlnet_keys import read_controlnet, write_controlnet_diffusers
-from ldm.io.files import read_json_object, write_text_atomic
 from ldm.modules.controlnet import ControlNet
 from ldm.training.config import TrainConfig
 from ldm.training.ema import EMA
 from ldm.training.loop import batch_field, encode_latents, unwrap
 from pipelines.models import Models
 from pipelines.training.diffusion import DiffusionTask
+from pipelines.training.settings import read_settings as read_settings_file
+from pipelines.training.settings import write_settings
 
 logger = logging.getLogger(__name__)
 
@@ -177,20 +177,13 @@ class ControlNetTask(DiffusionTask):
 def save_controlnet(net: ControlNet, folder: Path, settings: ControlNetSettings, base_model: str | None) -> None:
     """A diffusers ``ControlNetModel`` folder and ``controlnet.json`` (settings, base model) in ``folder``."""
     write_controlnet_diffusers(net, folder)
-    meta = {"format": FORMAT, "base_model": base_model, "controlnet": config_to_dict(settings)}
-    write_text_atomic(folder / SETTINGS, json.dumps(meta, indent=2) + "\n")
+    write_settings(folder / SETTINGS, FORMAT, "controlnet", settings, base_model)
 
 
 def read_settings(folder: str | Path) -> tuple[ControlNetSettings, str | None]:
     """The settings and the base model path of a folder ``ldm train-controlnet`` wrote."""
-    path = Path(folder) / SETTINGS
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no {SETTINGS}; not a folder ldm train-controlnet wrote")
-    meta = read_json_object(path)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format={meta.get('format')!r}; expected {FORMAT!r}")
-    settings = config_from_dict(ControlNetSettings, meta.get("controlnet", {}), str(path), "controlnet.")
-    return settings, meta.get("base_model")
+    return read_settings_file(Path(folder) / SETTINGS, FORMAT, "controlnet", ControlNetSettings,
+                              "not a folder ldm train-controlnet wrote")
 
 
 def controlnet_task(config: TrainConfig, models: Models, source: str) -> ControlNetTask:

@@ -11,7 +11,6 @@ writes ``model/`` and ``model-diffusers/``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldm.config import ConfigError, config_from_dict, config_to_dict
+from ldm.config import ConfigError, config_from_dict
 from ldm.io import CheckpointError, export_checkpoint, load_state_dict, read_checkpoint, save_state_dict
-from ldm.io.files import read_json_object, write_text_atomic
 from ldm.io.unet_keys import unet_original_to_diffusers
 from ldm.training.config import TrainConfig
 from ldm.training.ema import EMA
 from ldm.training.loop import unwrap
 from pipelines.models import Models
 from pipelines.training.diffusion import DiffusionTask
+from pipelines.training.settings import read_settings, write_settings
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +99,7 @@ def save_lora(unet: nn.Module, folder: str | Path, settings: LoraSettings, base_
     state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
     save_state_dict(state, folder / WEIGHTS)
     save_state_dict(kohya_state_dict(state, unet.config, settings.alpha), folder / SHARED_WEIGHTS)
-    meta = {"format": FORMAT, "base_model": base_model, "lora": config_to_dict(settings)}
-    write_text_atomic(folder / SETTINGS, json.dumps(meta, indent=2) + "\n")
+    write_settings(folder / SETTINGS, FORMAT, "lora", settings, base_model)
 
 
 def kohya_state_dict(peft_state: dict[str, Tensor], config: Any, alpha: float) -> dict[str, Tensor]:
@@ -122,13 +120,8 @@ def kohya_state_dict(peft_state: dict[str, Tensor], config: Any, alpha: float) -
 
 def read_lora_settings(folder: str | Path) -> tuple[LoraSettings, str | None]:
     """The LoRA settings and the base model path (as written; may be relative) of an adapter folder."""
-    path = Path(folder) / SETTINGS
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no {SETTINGS}; not a LoRA adapter folder (ldm finetune writes one)")
-    meta = read_json_object(path)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format={meta.get('format')!r}; expected {FORMAT!r}")
-    return config_from_dict(LoraSettings, meta.get("lora", {}), str(path), "lora."), meta.get("base_model")
+    return read_settings(Path(folder) / SETTINGS, FORMAT, "lora", LoraSettings,
+                         "not a LoRA adapter folder (ldm finetune writes one)")
 
 
 def set_lora_weights(unet: nn.Module, folder: str | Path) -> None:

@@ -14,7 +14,6 @@ or ``(n, D)`` for n vectors), which diffusers' ``load_textual_inversion`` and ou
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,16 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from ldm.config import ConfigError, config_from_dict, config_to_dict
+from ldm.config import ConfigError, config_from_dict
 from ldm.io import CheckpointError, save_state_dict
 from ldm.io.embeddings import read_textual_inversion
-from ldm.io.files import read_json_object, write_text_atomic
 from ldm.training.config import TrainConfig
 from ldm.training.ema import EMA
 from ldm.training.loop import unwrap
 from pipelines.models import Models
 from pipelines.training.diffusion import DiffusionTask
+from pipelines.training.settings import read_settings as read_settings_file
+from pipelines.training.settings import write_settings
 
 logger = logging.getLogger(__name__)
 
@@ -163,19 +163,13 @@ def save_embedding(vectors: Tensor, folder: Path, settings: TextualInversionSett
     ``textual_inversion.json`` in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     save_state_dict({settings.token: vectors[0] if len(vectors) == 1 else vectors}, folder / WEIGHTS)
-    meta = {"format": FORMAT, "base_model": base_model, "ti": config_to_dict(settings)}
-    write_text_atomic(folder / SETTINGS, json.dumps(meta, indent=2) + "\n")
+    write_settings(folder / SETTINGS, FORMAT, "ti", settings, base_model)
 
 
 def read_settings(folder: str | Path) -> tuple[TextualInversionSettings, str | None]:
     """The settings and the base model path of a folder ``ldm train-ti`` wrote."""
-    path = Path(folder) / SETTINGS
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no {SETTINGS}; not a textual-inversion folder (ldm train-ti writes one)")
-    meta = read_json_object(path)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format={meta.get('format')!r}; expected {FORMAT!r}")
-    return config_from_dict(TextualInversionSettings, meta.get("ti", {}), str(path), "ti."), meta.get("base_model")
+    return read_settings_file(Path(folder) / SETTINGS, FORMAT, "ti", TextualInversionSettings,
+                              "not a textual-inversion folder (ldm train-ti writes one)")
 
 
 def textual_inversion_task(config: TrainConfig, models: Models, source: str) -> TextualInversionTask:
