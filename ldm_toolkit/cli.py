@@ -30,7 +30,8 @@ EXAMPLES = {
     "ldm convert runs/demo/text-to-image/model pipelines/weights/demo --to folder --half",
     "eval": "ldm eval text-to-image -o eval/  # the demo model, 300 held-out prompts, guidance 1,2,4,7.5,12\n"
     "ldm eval super-resolution -o eval/ --count 300\nldm eval classifier -o eval/ --classifier-scales 0,10\n"
-    "ldm eval clip -o eval/ --count 1000  # demo-clip's hard-negative accuracy per kind on held-out images",
+    "ldm eval clip -o eval/ --count 1000  # demo-clip's hard-negative accuracy per kind on held-out images\n"
+    "ldm eval controlnet -o eval/  # demo-controlnet on demo: map IoU, colour from the prompt, 300 scenes",
     "samplers": "ldm samplers\nldm generate \"a red circle\" --sampler \"DPM++ 2M Karras\"",
     "train": "ldm train configs/demo/smoke.yaml --output-dir runs/smoke --max-steps 20 --set optim.lr=2e-4\n"
     "accelerate launch --multi_gpu --num_processes 2 -m ldm_toolkit.train configs/demo/smoke.yaml",
@@ -166,12 +167,14 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
                    help="data seed of the held-out set; training uses 0-4 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps (default: %(default)s)")
     add_sampler_option(p)
-    p.add_argument("--guidance", type=_scales, default=[1.0, 2.0, 4.0, 7.5, 12.0],
-                   help="text-to-image guidance scales, comma-separated (default: 1,2,4,7.5,12)")
+    p.add_argument("--guidance", type=_scales, default=None,
+                   help="guidance scales, comma-separated (default: text-to-image 1,2,4,7.5,12; controlnet 7.5)")
     p.add_argument("--classifier-scales", type=_scales, default=[0.0, 10.0],
                    help="classifier guidance scales; 0 is unguided (default: 0,10)")
     p.add_argument("--clip", default="demo-clip", help="text-to-image: CLIP folder that also scores the images "
                    "(CLIP score, hard-negative score); 'none' for the detector only (default: %(default)s)")
+    p.add_argument("--base", default="demo",
+                   help="controlnet: the text-to-image model the ControlNet steers (default: %(default)s)")
     add_device_option(p)
 
 
@@ -183,7 +186,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.count < 1:
         raise ValueError(f"--count={args.count} is not allowed; allowed: an integer >= 1")
     options = EvalOptions(args.count, args.seed, args.steps, args.sampler, args.guidance, args.classifier_scales,
-                          args.device, None if args.clip.lower() == "none" else args.clip)
+                          args.device, None if args.clip.lower() == "none" else args.clip, args.base)
     report = run_evaluation(args.task, args.output, args.model, options)
     print(json.dumps(report, indent=2))
     print(f"wrote {Path(args.output) / (args.task + '.json')}")

@@ -32,6 +32,7 @@ from pipelines.textual_inversion import TextualInversionMixin
 logger = logging.getLogger(__name__)
 
 DEMO_MODELS = ("demo", "demo-sr", "demo-semantic", "demo-classifier", "demo-clip")  # demo-clip: a CLIPModel folder
+DEMO_CONTROLNETS = ("demo-controlnet",)  # diffusers ControlNetModel folders for ControlNetPipeline(controlnet=...)
 
 
 @dataclasses.dataclass
@@ -68,8 +69,8 @@ def generator_seeds(generator: torch.Generator | list[torch.Generator]) -> int |
 
 
 def resolve_source(source: str | Path) -> Path:
-    """A demo name ("demo", "demo-sr", ...) → its folder shipped in the package; else the path."""
-    if str(source) in DEMO_MODELS:
+    """A demo name ("demo", "demo-sr", "demo-controlnet", ...) → its folder shipped in the package; else the path."""
+    if str(source) in DEMO_MODELS + DEMO_CONTROLNETS:
         path = Path(str(resources.files("pipelines") / "weights" / str(source)))
         if not path.is_dir():
             raise FileNotFoundError(f"model={source!r}: the demo weights are not installed at {path}")

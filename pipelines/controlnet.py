@@ -19,7 +19,7 @@ from ldm.diffusion.samplers import sampler_grid
 from ldm.io.controlnet_keys import controlnet_from_diffusers_model, read_controlnet
 from ldm.modules.controlnet import ControlNet
 from ldm.validation import check_float, check_int
-from pipelines.base import PipelineOutput
+from pipelines.base import PipelineOutput, resolve_source
 from pipelines.images import _open
 from pipelines.options import Conditioning, SamplingOptions
 from pipelines.text_to_image import TextToImagePipeline
@@ -30,11 +30,12 @@ ControlImage = Image.Image | np.ndarray | Tensor | str | Path
 
 def as_controlnet(net: ControlNetLike) -> ControlNet:
     """Our :class:`ControlNet` from itself, a diffusers ``ControlNetModel`` (its weights converted), a diffusers
-    ControlNet folder or an original ControlNet file (``control_model.`` prefix or none)."""
+    ControlNet folder, an original ControlNet file (``control_model.`` prefix or none) or a shipped demo
+    ControlNet's name ("demo-controlnet")."""
     if isinstance(net, ControlNet):
         return net
     if isinstance(net, (str, Path)):
-        return read_controlnet(net)
+        return read_controlnet(resolve_source(net))
     if type(net).__name__ == "ControlNetModel" and hasattr(net, "config"):
         return controlnet_from_diffusers_model(net)
     raise ValueError(f"controlnet={type(net).__name__} is not allowed; allowed: a ControlNet, a diffusers "

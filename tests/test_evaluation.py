@@ -3,6 +3,7 @@ against oracle and blank "models", and the whole run on small random models."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,12 +11,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from sd_fixtures import small_models
+from sd_fixtures import randomize, small_models
 
-from ldm.data.shapes import BACKGROUNDS, SHAPES, ShapeObject, make_sample, render
+from ldm.data.shapes import BACKGROUNDS, COLOURS, SHAPES, ShapeObject, make_sample, render
 from ldm_toolkit.cli import main
 from pipelines.evaluation import score_adherence, summarize_adherence
 from pipelines.evaluation.classifier import evaluate_classifier_guidance
+from pipelines.evaluation.controlnet import evaluate_controlnet, heldout_scenes
 from pipelines.evaluation.spatial import evaluate_semantic, evaluate_super_resolution, psnr
 from pipelines.evaluation.text_to_image import heldout_prompts
 
@@ -104,6 +106,47 @@ def test_semantic_metrics_on_an_oracle_and_a_blank_model() -> None:
     assert report["foreground_iou"] == 0.0 and report["region_class_accuracy"] == 0.0
 
 
+class MapPainter:
+    """A stand-in ControlNet pipeline: returns each scene's own image (``colour``: with its objects recoloured to
+    another colour; ``blank``: white), and counts the calls without control."""
+
+    def __init__(self, samples: list, recolour: bool = False, blank: bool = False) -> None:
+        self.by_caption = {s.full_caption: s for s in samples}
+        self.recolour, self.blank, self.uncontrolled = recolour, blank, 0
+
+    def __call__(self, prompts: list[str], hints: torch.Tensor, controlnet_conditioning_scale: float,
+                 **_: object) -> SimpleNamespace:
+        self.uncontrolled += controlnet_conditioning_scale == 0
+        images = []
+        for prompt in prompts:
+            s = self.by_caption[prompt]
+            objects = [dataclasses.replace(o, colour=_other_colour(o.colour, s.background)) for o in s.objects]
+            image = render(s.background, objects, 64)[0] if self.recolour else s.image
+            images.append(np.full_like(image, 255) if self.blank else image)
+        return SimpleNamespace(images=np.stack(images).astype(np.float32) / 255)
+
+
+def _other_colour(colour: str, background: str) -> str:
+    return next(c for c in COLOURS if c not in (colour, background))
+
+
+def test_controlnet_metrics_separate_the_map_from_the_prompt() -> None:
+    samples = heldout_scenes(40, 1004)
+    assert len({len(s.objects) for s in samples}) == 2  # one- and two-object scenes
+    exact = MapPainter(samples)
+    report, _ = evaluate_controlnet(exact, 40, 1004, steps=1, sampler="ddim")
+    assert exact.uncontrolled == 1  # the baseline: one batch of 40 at control scale 0
+    assert report["controlnet"]["foreground_iou"] == 1.0 and report["controlnet"]["colour_and_shape"] == 1.0
+    assert report["controlnet"]["objects"] == sum(len(s.objects) for s in samples)
+    recoloured, _ = evaluate_controlnet(MapPainter(samples, recolour=True), 40, 1004, 1, "ddim", baseline=False)
+    # the layout is right and the colours are not: IoU stays 1, colour accuracy falls to 0, shape stays 1
+    scores = recoloured["controlnet"]
+    assert scores["foreground_iou"] == 1.0 and scores["colour_accuracy"] == 0.0 and scores["shape_accuracy"] == 1.0
+    assert "without_control" not in recoloured
+    blank, _ = evaluate_controlnet(MapPainter(samples, blank=True), 40, 1004, 1, "ddim", baseline=False)
+    assert blank["controlnet"]["foreground_iou"] == 0.0 and blank["controlnet"]["colour_accuracy"] == 0.0
+
+
 class ShapeDrawer:
     """A stand-in classifier-guided pipeline: draws the target shape when guided, else circles."""
 
@@ -139,13 +182,21 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tiny = ClipConfig(text={"width": 32, "layers": 1, "heads": 2, "max_length": 32}, image_size=32, vision_width=32,
                       vision_layers=1, vision_heads=2, projection_dim=16)
     save_clip(build_clip(tiny), paths["clip"])
+    from ldm.io.controlnet_keys import write_controlnet_diffusers
+    from ldm.modules.controlnet import ControlNet
+    from pipelines import load_models
+
+    net = ControlNet.from_unet(load_models(paths["text-to-image"]).unet, hint_block_channels=(8, 16))
+    randomize(net, 3)  # nonzero zero-convs, so that the control changes the image
+    paths["controlnet"] = root / "controlnet"
+    write_controlnet_diffusers(net, paths["controlnet"])
     return paths
 
 
-@pytest.mark.parametrize("task", ["text-to-image", "super-resolution", "semantic", "classifier", "clip"])
+@pytest.mark.parametrize("task", ["text-to-image", "super-resolution", "semantic", "classifier", "clip", "controlnet"])
 def test_ldm_eval_writes_report_and_pictures(task: str, small: dict[str, Path], tmp_path: Path, capsys) -> None:
     code = main(["eval", task, "--model", str(small[task]), "-o", str(tmp_path), "--count", "6", "--steps", "2",
-                 "--guidance", "1,3", "--clip", str(small["clip"])])
+                 "--guidance", "1,3", "--clip", str(small["clip"]), "--base", str(small["text-to-image"])])
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / f"{task}.json").read_text())
     assert report["task"] == task
@@ -157,6 +208,11 @@ def test_ldm_eval_writes_report_and_pictures(task: str, small: dict[str, Path], 
     if task == "text-to-image":
         assert list(report["by_guidance"]) == ["1.0", "3.0"] and "text-to-image-adherence.png" in pictures
         assert {"clip_score", "hard_negative", "by_kind"} <= set(report["by_guidance"]["3.0"]["clip"])
+    if task == "controlnet":  # with and without the ControlNet, per scale; the grid's rows: map, output, baseline
+        assert report["base"] == str(small["text-to-image"]) and list(report["by_guidance"]) == ["1.0", "3.0"]
+        entry = report["by_guidance"]["3.0"]
+        assert entry["pairs"] == 6 and {"controlnet", "without_control"} <= set(entry)
+        assert "controlnet-grid.png" in pictures
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +14,10 @@ from pipelines.evaluation.report import image_grid, plot_adherence, to_uint8, wr
 
 logger = logging.getLogger(__name__)
 
-EVALUATIONS = ("text-to-image", "super-resolution", "semantic", "classifier", "clip")
+EVALUATIONS = ("text-to-image", "super-resolution", "semantic", "classifier", "clip", "controlnet")
 DEFAULT_MODELS = {"text-to-image": "demo", "super-resolution": "demo-sr", "semantic": "demo-semantic",
-                  "classifier": "demo-classifier", "clip": "demo-clip"}
+                  "classifier": "demo-classifier", "clip": "demo-clip", "controlnet": "demo-controlnet"}
+DEFAULT_GUIDANCE = {"text-to-image": [1.0, 2.0, 4.0, 7.5, 12.0], "controlnet": [7.5]}
 
 
 @dataclass
@@ -24,10 +26,11 @@ class EvalOptions:
     seed: int = 1000  # data seed (training uses 0-4); SR and semantic add 1 and 2
     steps: int = 25
     sampler: str = "dpmpp_2m"
-    guidance: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 7.5, 12.0])
+    guidance: list[float] | None = None  # None: the task's (text-to-image 1, 2, 4, 7.5, 12; controlnet 7.5)
     classifier_scales: list[float] = field(default_factory=lambda: [0.0, 10.0])
     device: str = "cpu"
     clip: str | None = "demo-clip"  # text-to-image: the CLIP that scores the images too (None: the detector only)
+    base: str = "demo"  # controlnet: the text-to-image model the ControlNet steers
 
 
 def run_evaluation(task: str, output: str | Path, model: str | None = None,
@@ -39,7 +42,10 @@ def run_evaluation(task: str, output: str | Path, model: str | None = None,
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     model = model or DEFAULT_MODELS[task]
-    report = {"task": task, "model": model, **_RUNNERS[task](out, model, options or EvalOptions())}
+    options = dataclasses.replace(options or EvalOptions())
+    if options.guidance is None:
+        options.guidance = list(DEFAULT_GUIDANCE.get(task, [7.5]))
+    report = {"task": task, "model": model, **_RUNNERS[task](out, model, options)}
     write_json(report, out / f"{task}.json")
     logger.info("wrote %s", out / f"{task}.json")
     return report
@@ -111,5 +117,22 @@ def _clip(out: Path, model: str, o: EvalOptions) -> dict[str, Any]:
     return evaluate_clip(ClipJudge(model, o.device), o.count, o.seed + 3)
 
 
+def _controlnet(out: Path, model: str, o: EvalOptions) -> dict[str, Any]:
+    from pipelines import ControlNetPipeline
+    from pipelines.evaluation.controlnet import evaluate_controlnet, hint_images
+
+    pipe = ControlNetPipeline.from_pretrained(o.base, device=o.device, controlnet=model)
+    report: dict[str, Any] = {"base": o.base, "by_guidance": {}}
+    for scale in o.guidance:
+        report["by_guidance"][str(scale)], extra = evaluate_controlnet(pipe, o.count, o.seed + 4, o.steps, o.sampler,
+                                                                       scale)
+    maps = to_uint8(hint_images(extra["samples"][:8]))  # rows: map, output, the same prompt without the map
+    image_grid([maps, extra["controlnet"][:8], extra["without_control"][:8]]).save(out / "controlnet-grid.png")
+    (out / "controlnet-grid.txt").write_text("rows: map, output, without the ControlNet; columns: prompts\n"
+                                             + "\n".join(s.full_caption for s in extra["samples"][:8]) + "\n")
+    return report
+
+
 _RUNNERS = {"text-to-image": _text_to_image, "super-resolution": _super_resolution, "semantic": _semantic,
-            "classifier": _classifier, "clip": _clip}
+            "classifier": _classifier, "clip": _clip,
+            "controlnet": _controlnet}

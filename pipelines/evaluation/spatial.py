@@ -70,12 +70,12 @@ def evaluate_semantic(pipe: SemanticToImagePipeline, count: int, seed: int, step
     return report, {"samples": samples, "images": images}
 
 
+def box_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    """The area (pixels) shared by boxes ``a`` and ``b`` (x0, y0, x1, y1 with exclusive ends)."""
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
 def _region_class_hit(truth: Any, detected: list) -> bool:
     """Whether the detected object overlapping ``truth``'s box most has its shape."""
-    def overlap(box: tuple[int, int, int, int]) -> int:
-        x0, y0 = max(box[0], truth.bbox[0]), max(box[1], truth.bbox[1])
-        x1, y1 = min(box[2], truth.bbox[2]), min(box[3], truth.bbox[3])
-        return max(0, x1 - x0) * max(0, y1 - y0)
-
-    best = max(detected, key=lambda obj: overlap(obj.bbox), default=None)
-    return best is not None and overlap(best.bbox) > 0 and best.shape == truth.shape
+    best = max(detected, key=lambda obj: box_overlap(obj.bbox, truth.bbox), default=None)
+    return best is not None and box_overlap(best.bbox, truth.bbox) > 0 and best.shape == truth.shape

@@ -35,8 +35,8 @@ from ldm.training.ema import EMA
 from ldm.training.loop import batch_field, encode_latents, unwrap
 from pipelines.models import Models
 from pipelines.training.diffusion import DiffusionTask
+from pipelines.training.settings import base_model_name, write_settings
 from pipelines.training.settings import read_settings as read_settings_file
-from pipelines.training.settings import write_settings
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def read_settings(folder: str | Path) -> tuple[ControlNetSettings, str | None]:
 
 def controlnet_task(config: TrainConfig, models: Models, source: str) -> ControlNetTask:
     settings = check_controlnet(config, source)
-    return ControlNetTask(config, models, settings, str(Path(config.model.init_from).resolve()))
+    return ControlNetTask(config, models, settings, base_model_name(config.model.init_from))
 
 
 __all__ = ["PALETTE", "ControlNetSettings", "ControlNetTask", "check_controlnet", "controlnet_task",

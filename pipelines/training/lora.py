@@ -26,7 +26,7 @@ from ldm.training.ema import EMA
 from ldm.training.loop import unwrap
 from pipelines.models import Models
 from pipelines.training.diffusion import DiffusionTask
-from pipelines.training.settings import read_settings, write_settings
+from pipelines.training.settings import base_model_name, read_settings, write_settings
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def finetune_task(config: TrainConfig, models: Models, source: str) -> Diffusion
     settings = check_finetune(config, source)
     if settings is None:
         return DiffusionTask(config, models)
-    return LoraTask(config, models, settings, str(Path(config.model.init_from).resolve()))
+    return LoraTask(config, models, settings, base_model_name(config.model.init_from))
 
 
 def export_finetuned(task: DiffusionTask, output_dir: str | Path) -> list[Path]:

@@ -14,6 +14,13 @@ from ldm.io.files import read_json_object, write_text_atomic
 T = TypeVar("T")
 
 
+def base_model_name(source: str) -> str:
+    """How a settings file names the base model: a shipped demo's name as it is, a path made absolute."""
+    from pipelines.base import DEMO_MODELS
+
+    return source if source in DEMO_MODELS else str(Path(source).resolve())
+
+
 def write_settings(path: Path, fmt: str, section: str, settings: Any, base_model: str | None) -> None:
     """``{"format": fmt, "base_model": …, section: settings}`` written atomically to ``path``."""
     meta = {"format": fmt, "base_model": base_model, section: config_to_dict(settings)}

@@ -30,8 +30,8 @@ from ldm.training.ema import EMA
 from ldm.training.loop import unwrap
 from pipelines.models import Models
 from pipelines.training.diffusion import DiffusionTask
+from pipelines.training.settings import base_model_name, write_settings
 from pipelines.training.settings import read_settings as read_settings_file
-from pipelines.training.settings import write_settings
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def read_settings(folder: str | Path) -> tuple[TextualInversionSettings, str | N
 
 def textual_inversion_task(config: TrainConfig, models: Models, source: str) -> TextualInversionTask:
     settings = check_textual_inversion(config, source)
-    return TextualInversionTask(config, models, settings, str(Path(config.model.init_from).resolve()))
+    return TextualInversionTask(config, models, settings, base_model_name(config.model.init_from))
 
 
 __all__ = ["TextualInversionSettings", "TextualInversionTask", "check_captions", "check_textual_inversion",
