@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from ldm.conditioning.prompts import encode_prompt_pair, encode_prompts, pad_to_same_chunks
 from ldm.conditioning.spatial import as_condition_batch
@@ -22,6 +22,7 @@ from ldm.diffusion import ClassifierFreeGuidance, ClassifierGuidance, Denoiser, 
 from ldm.diffusion.denoiser import DenoiserLike
 from ldm.diffusion.inpainting import KnownRegion, keep_known
 from ldm.diffusion.samplers import Callback, sample
+from ldm.modules.attention import cached_context_projections
 from ldm.validation import check_choice, check_float, check_int
 from pipelines.lora import LoraMixin
 from pipelines.memory import MemorySwitches
@@ -305,11 +306,17 @@ class Pipeline(MemorySwitches, TextualInversionMixin, LoraMixin):
         x0 = None if start is None else start.to(self.device).expand(noise.shape)
         extra = {"eta": options.eta} if options.sampler == "ddim" else {}
         cfg = self.models.schedule
-        return sample(options.sampler, denoiser, noise, self.schedule, steps, prediction_type=cfg.prediction_type,
-                      x0=x0, strength=conditioning.strength, steps_offset=cfg.steps_offset,
-                      timestep_spacing=cfg.timestep_spacing, sigma_spacing=options.sigma_spacing, generator=generator,
-                      callback=self.step_callback(options),
-                      progress=options.progress, **extra)
+        with cached_context_projections(*self.sampling_modules()):
+            return sample(options.sampler, denoiser, noise, self.schedule, steps, prediction_type=cfg.prediction_type,
+                          x0=x0, strength=conditioning.strength, steps_offset=cfg.steps_offset,
+                          timestep_spacing=cfg.timestep_spacing, sigma_spacing=options.sigma_spacing,
+                          generator=generator, callback=self.step_callback(options), progress=options.progress,
+                          **extra)
+
+    def sampling_modules(self) -> list[nn.Module]:
+        """The networks a sampling step runs with the text context (their cross-attention caches its keys and
+        values for the call)."""
+        return [self.models.unet]
 
     def step_callback(self, options: SamplingOptions) -> Callback | None:
         """``options.callback`` and diffusers' ``callback_on_step_end(pipe, i, t, {"latents": x_t})`` as one."""

@@ -170,6 +170,9 @@ class ControlNetPipeline(TextToImagePipeline):
                              f"{c.unet.in_channels}; allowed: the U-Net's {mine} and the latents' "
                              f"{self.models.vae.config.latent_channels} channels")
 
+    def sampling_modules(self) -> list[torch.nn.Module]:
+        return [*super().sampling_modules(), *self._nets]
+
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> ControlNetPipeline:
         super().to(device, dtype)
         for net in getattr(self, "_nets", []):

@@ -105,6 +105,7 @@ class ClassifierFreeGuidance(Guidance):
         self.rescale = check_float("guidance_rescale", rescale, 0.0, 1.0)
         self.interval = check_interval(interval)
         self.cond, self.uncond = cond, uncond
+        self._both: Condition | None = None  # [uncond; cond], built at the first guided step
         super().__init__(denoiser, schedule, prediction_type)
 
     def denoise(self, x: Tensor, sigma: Sigma) -> tuple[Tensor, Tensor]:
@@ -115,7 +116,9 @@ class ClassifierFreeGuidance(Guidance):
         guided = self._guided(sigma, x.shape[0], x.device)
         if not guided.any():
             return inner.from_output(x, sigma, inner.output(x, sigma, self.cond))
-        both = inner.output(torch.cat([x, x]), _twice(sigma), _cat(self.uncond, self.cond))
+        if self._both is None:  # the same batch at every step (and the same tensors: their projections are cached)
+            self._both = _cat(self.uncond, self.cond)
+        both = inner.output(torch.cat([x, x]), _twice(sigma), self._both)
         uncond, cond = both.chunk(2)  # (2B, ...) → two (B, ...)
         out = cfg_combine(uncond, cond, self.scale, self.rescale)
         if not guided.all():

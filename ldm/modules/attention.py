@@ -7,6 +7,9 @@ are those of the original Stable Diffusion checkpoints (``proj_in``, ``transform
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,15 +29,12 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # index 1 was a Dropout in CompVis
         self.slice_size: int | None = None  # heads per attention call (enable_attention_slicing); None: all
+        self.kv_cache: dict[int, tuple] | None = None  # see cached_context_projections
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        context = x if context is None else context
         batch, n, _ = x.shape
-        # (B, N, h·d) → (B, h, N, d); a view, SDPA accepts the strided layout
-        q, k, v = (
-            proj.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-            for proj in (self.to_q(x), self.to_k(context), self.to_v(context))
-        )
+        k, v = self._keys_values(x) if context is None else self._context_keys_values(context)
+        q = self._heads(self.to_q(x))
         if self.slice_size is None or self.slice_size >= self.heads:
             out = F.scaled_dot_product_attention(q, k, v)
         else:  # attention slicing: a few heads at a time hold their attention matrices
@@ -42,6 +42,55 @@ class CrossAttention(nn.Module):
                                                             v[:, i:i + self.slice_size])
                              for i in range(0, self.heads, self.slice_size)], dim=1)
         return self.to_out(out.transpose(1, 2).reshape(batch, n, -1))  # (B, h, N, d) → (B, N, h·d)
+
+    def _heads(self, projected: Tensor) -> Tensor:
+        """(B, N, h·d) → (B, h, N, d); a view, SDPA accepts the strided layout."""
+        return projected.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def _keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        return self._heads(self.to_k(context)), self._heads(self.to_v(context))
+
+    def _context_keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of ``context``; inside :func:`cached_context_projections` (and without autograd)
+        computed once per context tensor and reused while neither it nor the projections changed."""
+        cache = self.kv_cache
+        if cache is None or torch.is_grad_enabled():
+            return self._keys_values(context)
+        stamp = (_stamp(context), _stamp(self.to_k.weight), _stamp(self.to_v.weight))
+        entry = cache.get(id(context))
+        if entry is not None and entry[0] is context and entry[1] == stamp:
+            return entry[2], entry[3]
+        k, v = self._keys_values(context)
+        if len(cache) >= _KV_CACHE_ENTRIES:  # a few contexts per call (guided and conditional-only batches)
+            cache.pop(next(iter(cache)))
+        cache[id(context)] = (context, stamp, k, v)  # holding ``context`` keeps its id from being reused
+        return k, v
+
+
+_KV_CACHE_ENTRIES = 4
+
+
+def _stamp(t: Tensor) -> tuple:
+    """What changes when a tensor's values may have: its storage, layout and in-place version (inference tensors
+    have no version counter and cannot change outside inference mode)."""
+    version = None if t.is_inference() else t._version
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, version
+
+
+@contextlib.contextmanager
+def cached_context_projections(*models: nn.Module) -> Iterator[None]:
+    """Within the block, each cross-attention layer of ``models`` projects a context tensor to keys and values
+    once and reuses them while the same, unchanged tensor comes again: a sampler calls the U-Net with the same
+    text context at every step, so ``to_k``/``to_v`` of the context need not run at each. Without autograd only;
+    the cache is dropped on leaving the block."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, CrossAttention)]
+    for layer in layers:
+        layer.kv_cache = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.kv_cache = None
 
 
 class GEGLU(nn.Module):
