@@ -157,9 +157,10 @@ def test_classifier_guidance_equals_the_formula_by_hand(sampler: str, guidance_s
     by_hand = hand_run(sampler, 4, noise, epsilon)
     unguided = hand_run(sampler, 4, noise, lambda x_t, t, std: epsilon(x_t, t, std, 0.0))
     # measured max |ours - by hand|: DDIM 1.0e-5 / 3.4e-5 (g = 1 / 3), Euler 4.6e-5 / 2.5e-4 (2.7e-5 relative: Euler
-    # takes t(σ) by inverting σ in float64 where diffusers passes its float32 grid); the guidance term moves the
-    # result by 0.67 (g = 1) and 3.0 (g = 3), so a guidance off by more than ~0.1% fails
-    torch.testing.assert_close(ours, by_hand, rtol=1e-4, atol=1e-4)
+    # takes t(σ) by inverting σ in float64 where diffusers passes its float32 grid; the U-Net's fused ×2 upsampling
+    # convolves batch 2 and batch 1 in other summation orders); the guidance term moves the result by 0.67 (g = 1) and
+    # 3.0 (g = 3), so a guidance off by more than ~0.1% fails
+    torch.testing.assert_close(ours, by_hand, rtol=1e-4, atol=3e-4)
     assert (by_hand - unguided).abs().max() > 0.5
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.modules.upsample import nearest_up2_conv3
+
 
 class ResBlock(nn.Module):
     """Keys ``in_layers.{0,2}``, ``emb_layers.1``, ``out_layers.{0,3}``, ``skip_connection``."""
@@ -49,15 +51,16 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour ×2 (or to ``size``, for odd skip sizes) then a 3×3 conv (key ``conv``)."""
+    """Nearest-neighbour ×2 (or to ``size``, for odd skip sizes) then a 3×3 conv (key ``conv``).
+
+    An exact ×2 (``size`` None or twice the input) runs through :func:`nearest_up2_conv3`, which
+    convolves at the input resolution when sampling on the CPU."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
+        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return nearest_up2_conv3(x, self.conv)
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
