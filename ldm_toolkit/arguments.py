@@ -45,6 +45,12 @@ def add_sampling_options(p: argparse.ArgumentParser, model: str, guidance: float
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="allow up to N output pixels (images x height x width) in one call; default: the "
                    "pipeline's bound (4 MP; upscale 0.26 MP), so that a large input does not exhaust memory")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net: the first image of a size pays a warm-up (logged; minutes on a CPU, "
+                   "less from the second process on, which reuses PyTorch's cache), later ones run compiled")
+    p.add_argument("--deep-cache", type=int, default=None, metavar="N",
+                   help="approximate, faster: the U-Net in full every N model calls and only its outer blocks in "
+                   "between (DeepCache); its quality cost is in docs/performance.md (default: off)")
     add_device_option(p)
 
 

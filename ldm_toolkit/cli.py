@@ -173,6 +173,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
                    help="classifier guidance scales; 0 is unguided (default: 0,10)")
     p.add_argument("--clip", default="demo-clip", help="text-to-image: CLIP folder that also scores the images "
                    "(CLIP score, hard-negative score); 'none' for the detector only (default: %(default)s)")
+    p.add_argument("--deep-cache", type=int, default=None, metavar="N",
+                   help="text-to-image, controlnet: sample with DeepCache at interval N, to measure its quality cost")
     p.add_argument("--base", default="demo",
                    help="controlnet: the text-to-image model the ControlNet steers (default: %(default)s)")
     add_device_option(p)
@@ -186,7 +188,8 @@ def _eval(args: argparse.Namespace) -> None:
     if args.count < 1:
         raise ValueError(f"--count={args.count} is not allowed; allowed: an integer >= 1")
     options = EvalOptions(args.count, args.seed, args.steps, args.sampler, args.guidance, args.classifier_scales,
-                          args.device, None if args.clip.lower() == "none" else args.clip, args.base)
+                          args.device, None if args.clip.lower() == "none" else args.clip, args.base,
+                          args.deep_cache)
     report = run_evaluation(args.task, args.output, args.model, options)
     print(json.dumps(report, indent=2))
     print(f"wrote {Path(args.output) / (args.task + '.json')}")

@@ -27,8 +27,8 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier-scale", type=float, default=10.0,
                    help="classifier guidance scale (default: %(default)s)")
     p.add_argument("--control", action="append", default=[], metavar="CONTROLNET=IMAGE[:SCALE]",
-                   help="a ControlNet (diffusers folder or original file) and its control image, at SCALE "
-                   "(default 1); repeatable: several ControlNets")
+                   help="a ControlNet (diffusers folder, original file or demo-controlnet) and its control image, "
+                   "at SCALE (default 1); repeatable: several ControlNets")
     p.add_argument("--from-png", default=None, metavar="FILE",
                    help="make FILE's image again from the parameters it carries (prompt, negative prompt, seed, "
                    "steps, sampler, guidance, size, batch; --model overrides its model)")
@@ -86,10 +86,16 @@ def check_before_sampling(args: argparse.Namespace) -> None:
     args.model = args.model or args.default_model
     args.seed = None if args.seed == -1 else args.seed
     check_png_output(args.output)
+    if args.deep_cache is not None:
+        from ldm.validation import check_int
+
+        check_int("--deep-cache", args.deep_cache, 1, 1000)
     for text in getattr(args, "control", []):
+        from pipelines.base import DEMO_CONTROLNETS
+
         net, image, _ = _control_argument(text)
         for what, path in (("ControlNet", net), ("control image", image)):
-            if not Path(path).exists():
+            if not (what == "ControlNet" and path in DEMO_CONTROLNETS) and not Path(path).exists():
                 raise ValueError(f"--control={text!r}: the {what} {path!r} does not exist")
     if getattr(args, "classifier", None) and args.class_label is None:
         raise ValueError(f"--classifier={args.classifier!r} is not allowed without --class; allowed: --class NAME "
@@ -132,7 +138,9 @@ def _apply_png(args: argparse.Namespace) -> None:
 def pipeline(cls: type, args: argparse.Namespace) -> Any:
     from ldm.validation import check_int
 
-    pipe = cls.from_pretrained(args.model, device=args.device)
+    pipe = cls.from_pretrained(args.model, device=args.device, compile=args.compile)
+    if args.deep_cache is not None:
+        pipe.enable_deep_cache(args.deep_cache)
     if args.max_pixels is not None:
         pipe.max_pixels = check_int("--max-pixels", args.max_pixels, 1)
     loras = [_lora_argument(text) for text in getattr(args, "lora", [])]

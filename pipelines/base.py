@@ -3,6 +3,7 @@ with guidance, and turning latents into images."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -23,11 +24,13 @@ from ldm.diffusion.denoiser import DenoiserLike
 from ldm.diffusion.inpainting import KnownRegion, keep_known
 from ldm.diffusion.samplers import Callback, sample
 from ldm.modules.attention import cached_context_projections
+from ldm.modules.unet import reusing_deep_features
 from ldm.validation import check_choice, check_float, check_int
 from pipelines.lora import LoraMixin
 from pipelines.memory import MemorySwitches
 from pipelines.models import Models, load_models
 from pipelines.options import OUTPUT_TYPES, Conditioning, SamplingOptions
+from pipelines.speed import WarmUpTimer, apply_fast_path, compile_unet
 from pipelines.textual_inversion import TextualInversionMixin
 
 logger = logging.getLogger(__name__)
@@ -95,19 +98,58 @@ class Pipeline(MemorySwitches, TextualInversionMixin, LoraMixin):
         self.device = resolve_device(device or "cpu")  # "auto": the best available device
         self.dtype = dtype or torch.float32
         self.to(self.device, self.dtype)
+        self.set_fast_path(True)
 
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, *, torch_dtype: torch.dtype | None = None,
-                        **options: Any):
+                        fast: bool = True, compile: bool = False, **options: Any):
         """Load from a demo name, our folder, a diffusers folder or an SD single file; ``torch_dtype`` is
-        diffusers' name for ``dtype``."""
+        diffusers' name for ``dtype``. ``fast``: the exact fast path (see :meth:`set_fast_path`); ``compile``:
+        ``torch.compile`` the U-Net (see :meth:`compile`)."""
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} differ; allowed: one of them")
         dtype = dtype or torch_dtype
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype={dtype!r} is not allowed; allowed: torch.float32, torch.float16, torch.bfloat16")
-        return cls(load_models(resolve_source(source), **options), device, dtype)
+        pipe = cls(load_models(resolve_source(source), **options), device, dtype)
+        pipe.set_fast_path(fast)
+        if compile:
+            pipe.compile()
+        return pipe
+
+    fast: bool = True
+    _warm_up: WarmUpTimer | None = None
+    _deep_cache: tuple[int, int, int] | None = None
+
+    def set_fast_path(self, enabled: bool = True) -> None:
+        """The exact fast path (on by default; see pipelines.speed): the text context's cross-attention keys and
+        values computed once per call, the autoencoder in channels-last memory format. Off: the plain path, for
+        measuring it."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"fast={enabled!r} is not allowed; allowed: True or False")
+        self.fast = enabled
+        apply_fast_path(self.models, enabled)
+
+    def enable_deep_cache(self, interval: int = 3, depth: int = 1, first: int = 0) -> None:
+        """Approximate sampling, opt-in (DeepCache, Ma et al. 2024): the U-Net runs in full every ``interval``
+        model calls and in between only its first ``depth + 1`` input and last ``depth + 1`` output blocks on the
+        deep features of the last full call; the first ``first`` calls run in full. Its cost in quality on the
+        demo is in docs/performance.md."""
+        check_int("interval", interval, 1, 1000)
+        check_int("depth", depth, 0, len(self.models.unet.input_blocks) - 2)
+        self._deep_cache = (interval, depth, check_int("first", first, 0))
+
+    def disable_deep_cache(self) -> None:
+        """Every model call in full again (the default)."""
+        self._deep_cache = None
+
+    def compile(self) -> None:
+        """``torch.compile`` the U-Net: its first call for each latent shape compiles (the warm-up, logged), later
+        ones run compiled; PyTorch's on-disk cache spares later processes most of it. Without a working compiler
+        a one-line warning, and sampling runs uncompiled."""
+        if compile_unet(self.models.unet, self.device):
+            self._warm_up = WarmUpTimer()
 
     def save_pretrained(self, path: str | Path, to: str = "diffusers") -> None:
         """Write the models as a diffusers folder (``to="sd"``: a single file, ``"folder"``: ours)."""
@@ -306,12 +348,20 @@ class Pipeline(MemorySwitches, TextualInversionMixin, LoraMixin):
         x0 = None if start is None else start.to(self.device).expand(noise.shape)
         extra = {"eta": options.eta} if options.sampler == "ddim" else {}
         cfg = self.models.schedule
-        with cached_context_projections(*self.sampling_modules()):
-            return sample(options.sampler, denoiser, noise, self.schedule, steps, prediction_type=cfg.prediction_type,
-                          x0=x0, strength=conditioning.strength, steps_offset=cfg.steps_offset,
-                          timestep_spacing=cfg.timestep_spacing, sigma_spacing=options.sigma_spacing,
-                          generator=generator, callback=self.step_callback(options), progress=options.progress,
-                          **extra)
+        started = None if self._warm_up is None else self._warm_up.start(tuple(noise.shape))
+        cache = cached_context_projections(*self.sampling_modules()) if self.fast else contextlib.nullcontext()
+        reuse = contextlib.nullcontext() if self._deep_cache is None else reusing_deep_features(self.models.unet,
+                                                                                                 *self._deep_cache)
+        with cache, reuse:
+            latents = sample(options.sampler, denoiser, noise, self.schedule, steps,
+                             prediction_type=cfg.prediction_type, x0=x0, strength=conditioning.strength,
+                             steps_offset=cfg.steps_offset, timestep_spacing=cfg.timestep_spacing,
+                             sigma_spacing=options.sigma_spacing,
+                             generator=generator, callback=self.step_callback(options), progress=options.progress,
+                             **extra)
+        if self._warm_up is not None:
+            self._warm_up.stop(tuple(noise.shape), started)
+        return latents
 
     def sampling_modules(self) -> list[nn.Module]:
         """The networks a sampling step runs with the text context (their cross-attention caches its keys and

@@ -8,8 +8,9 @@ file loads after stripping the prefix. Block order and widths follow CompVis ``o
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,19 +280,88 @@ class UNet(UNetEncoder):
         self.check_inputs(x, context)
         emb = self.embed(x, t, y)
         context = context.to(emb.dtype)
+        if down_residuals is not None and len(down_residuals) != len(self.input_blocks):
+            raise ValueError(f"down_residuals has {len(down_residuals)} tensors; expected {len(self.input_blocks)}, "
+                             "one per input block")
+        cache = self.feature_cache if not torch.is_grad_enabled() else None
+        if cache is not None and cache.reuse((tuple(x.shape), x.dtype, x.device)):
+            return self._shallow_pass(x.to(emb.dtype), emb, context, cache, down_residuals)
         skips, h = self.encode(x.to(emb.dtype), emb, context)
         if down_residuals is not None:
-            if len(down_residuals) != len(skips):
-                raise ValueError(f"down_residuals has {len(down_residuals)} tensors; expected {len(skips)}, "
-                                 "one per input block")
             skips = [skip + residual for skip, residual in zip(skips, down_residuals)]
         if mid_residual is not None:
             h = h + mid_residual
-        for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
-            size = skips[-1].shape[-2:] if skips else None  # the next skip's size: odd sizes round-trip
-            h = self._run(block, h, emb, context, size)
+        keep = None if cache is None else len(self.output_blocks) - 1 - cache.depth  # the first shallow block
+        for i, block in enumerate(self.output_blocks):
+            if i == keep:
+                cache.features = h  # the deep path's output, which the next shallow passes reuse
+            h = self._up(block, h, skips, emb, context)
         return self.out(h)
+
+    def _up(self, block: TimestepEmbedSequential, h: Tensor, skips: list[Tensor], emb: Tensor,
+            context: Tensor) -> Tensor:
+        """One output block on [h; the last skip] (popped); upsampled to the next skip's size (odd sizes)."""
+        h = torch.cat([h, skips.pop()], dim=1)
+        size = skips[-1].shape[-2:] if skips else None
+        return self._run(block, h, emb, context, size)
+
+    def _shallow_pass(self, x: Tensor, emb: Tensor, context: Tensor, cache: DeepFeatureCache,
+                      down_residuals: list[Tensor] | tuple[Tensor, ...] | None) -> Tensor:
+        """The first ``cache.depth + 1`` input blocks and the last as many output blocks, on the deep features
+        of the last full pass (DeepCache, Ma et al. 2024)."""
+        skips, h = [], x
+        for i, block in enumerate(self.input_blocks[: cache.depth + 1]):
+            h = self._run(block, h, emb, context)
+            skips.append(h if down_residuals is None else h + down_residuals[i])
+        h = cache.features
+        for block in self.output_blocks[len(self.output_blocks) - 1 - cache.depth:]:
+            h = self._up(block, h, skips, emb, context)
+        return self.out(h)
+
+    feature_cache: DeepFeatureCache | None = None
+
+
+@dataclass
+class DeepFeatureCache:
+    """DeepCache (Ma, Fang & Wang 2024): the U-Net's deep features change little between neighbouring sampling
+    steps, so a full pass every ``interval`` calls keeps the input of the last ``depth + 1`` output blocks, and the
+    calls in between run only the first ``depth + 1`` input blocks and those output blocks on it: an
+    approximation, opt-in. A call of another batch shape, dtype or device (e.g. guidance switched off below a
+    σ) runs in full."""
+
+    interval: int = 3
+    depth: int = 1
+    first: int = 0  # calls at the start that run in full (the high-noise steps set the layout)
+    features: Tensor | None = None
+    key: tuple | None = None
+    since_full: int = 0
+    calls: int = 0
+
+    def reuse(self, key: tuple) -> bool:
+        """Whether this call may reuse the features (else it runs in full and stores them)."""
+        self.calls += 1
+        if (self.features is None or key != self.key or self.since_full + 1 >= self.interval
+                or self.calls <= self.first):
+            self.key, self.since_full, self.features = key, 0, None
+            return False
+        self.since_full += 1
+        return True
+
+
+@contextlib.contextmanager
+def reusing_deep_features(unet: UNet, interval: int = 3, depth: int = 1,
+                          first: int = 0) -> Iterator[DeepFeatureCache]:
+    """Within the block ``unet`` reuses its deep features across calls without autograd (see
+    :class:`DeepFeatureCache`); ``interval`` ≥ 1 (1: every call in full), 0 ≤ ``depth`` < the number of
+    input blocks; the first ``first`` calls in full."""
+    check_int("interval", interval, 1, 1000)
+    check_int("depth", depth, 0, len(unet.input_blocks) - 2)
+    check_int("first", first, 0)
+    unet.feature_cache = cache = DeepFeatureCache(interval, depth, first)
+    try:
+        yield cache
+    finally:
+        unet.feature_cache = None
 
 
 def widen_inputs(unet: UNet, config: UNetConfig) -> UNet:

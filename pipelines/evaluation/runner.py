@@ -31,6 +31,7 @@ class EvalOptions:
     device: str = "cpu"
     clip: str | None = "demo-clip"  # text-to-image: the CLIP that scores the images too (None: the detector only)
     base: str = "demo"  # controlnet: the text-to-image model the ControlNet steers
+    deep_cache: int | None = None  # text-to-image, controlnet: DeepCache interval (None: every call in full)
 
 
 def run_evaluation(task: str, output: str | Path, model: str | None = None,
@@ -45,7 +46,8 @@ def run_evaluation(task: str, output: str | Path, model: str | None = None,
     options = dataclasses.replace(options or EvalOptions())
     if options.guidance is None:
         options.guidance = list(DEFAULT_GUIDANCE.get(task, [7.5]))
-    report = {"task": task, "model": model, **_RUNNERS[task](out, model, options)}
+    report = {"task": task, "model": model, **({"deep_cache": options.deep_cache} if options.deep_cache else {}),
+              **_RUNNERS[task](out, model, options)}
     write_json(report, out / f"{task}.json")
     logger.info("wrote %s", out / f"{task}.json")
     return report
@@ -56,6 +58,8 @@ def _text_to_image(out: Path, model: str, o: EvalOptions) -> dict[str, Any]:
     from pipelines.evaluation.text_to_image import evaluate_text_to_image
 
     pipe = TextToImagePipeline.from_pretrained(model, device=o.device)
+    if o.deep_cache:
+        pipe.enable_deep_cache(o.deep_cache)
     report, extra = evaluate_text_to_image(pipe, o.count, o.seed, o.guidance, o.steps, o.sampler)
     if o.clip:
         from pipelines.evaluation.clip_score import ClipJudge, clip_scores
@@ -122,6 +126,8 @@ def _controlnet(out: Path, model: str, o: EvalOptions) -> dict[str, Any]:
     from pipelines.evaluation.controlnet import evaluate_controlnet, hint_images
 
     pipe = ControlNetPipeline.from_pretrained(o.base, device=o.device, controlnet=model)
+    if o.deep_cache:
+        pipe.enable_deep_cache(o.deep_cache)
     report: dict[str, Any] = {"base": o.base, "by_guidance": {}}
     for scale in o.guidance:
         report["by_guidance"][str(scale)], extra = evaluate_controlnet(pipe, o.count, o.seed + 4, o.steps, o.sampler,
