@@ -30,6 +30,7 @@ from pipelines.lora import LoraMixin
 from pipelines.memory import MemorySwitches
 from pipelines.models import Models, load_models
 from pipelines.options import OUTPUT_TYPES, Conditioning, SamplingOptions
+from pipelines.prompt_cache import PromptCache, encoder_stamp
 from pipelines.speed import WarmUpTimer, apply_fast_path, compile_unet
 from pipelines.textual_inversion import TextualInversionMixin
 
@@ -120,6 +121,12 @@ class Pipeline(MemorySwitches, TextualInversionMixin, LoraMixin):
 
     fast: bool = True
     _warm_up: WarmUpTimer | None = None
+
+    @property
+    def _prompt_cache(self) -> PromptCache:
+        if "_prompts" not in self.__dict__:
+            self.__dict__["_prompts"] = PromptCache()
+        return self.__dict__["_prompts"]
     _deep_cache: tuple[int, int, int] | None = None
 
     def set_fast_path(self, enabled: bool = True) -> None:
@@ -191,8 +198,19 @@ class Pipeline(MemorySwitches, TextualInversionMixin, LoraMixin):
             zeros = torch.zeros(len(prompts), 1, m.unet.config.context_dim, device=self.device, dtype=self.dtype)
             return zeros, None if negatives is None else zeros[: len(negatives)]
         if negatives is None:
-            return encode_prompts(m.text_encoder, m.tokenizer, prompts, clip_skip), None
-        return encode_prompt_pair(m.text_encoder, m.tokenizer, prompts, negatives, clip_skip)
+            def encode() -> tuple[Tensor, Tensor | None]:
+                return encode_prompts(m.text_encoder, m.tokenizer, prompts, clip_skip), None
+        else:
+            def encode() -> tuple[Tensor, Tensor | None]:
+                return encode_prompt_pair(m.text_encoder, m.tokenizer, prompts, negatives, clip_skip)
+        if not self.fast:
+            return encode()
+        state = self.__dict__.get("_lora_state")
+        hooks = tuple(id(h) for h in state.handles) if state is not None else ()
+        key = (tuple(prompts), None if negatives is None else tuple(negatives), clip_skip, id(m.text_encoder),
+               id(m.tokenizer), tuple((t, tuple(ids)) for t, ids in getattr(m.tokenizer, "added_tokens", {}).items()),
+               encoder_stamp(m.text_encoder, hooks), self.device, self.dtype)
+        return self._prompt_cache.get(key, encode)
 
     def contexts(self, conditioning: Conditioning) -> tuple[Tensor, Tensor]:
         """The conditional and unconditional text contexts (P, 77·k, D), from text or the given embeddings."""

@@ -4,6 +4,7 @@ context or the projection weights changed, so that a result never depends on the
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from sd_fixtures import randomize
 
@@ -83,7 +84,7 @@ def test_training_with_autograd_is_never_cached() -> None:
 
 
 def test_guidance_builds_its_batch_once_so_the_cache_holds_over_steps() -> None:
-    unet, (x, t, context) = small_unet(), inputs()
+    unet, (x, _, context) = small_unet(), inputs()
     calls = count_context_projections(unet)
     schedule = NoiseSchedule.from_config(ScheduleConfig())
     cfg = ClassifierFreeGuidance(Denoiser(lambda x, t, c: unet(x, t, c["context"]), schedule),
@@ -93,3 +94,49 @@ def test_guidance_builds_its_batch_once_so_the_cache_holds_over_steps() -> None:
         for sigma in (10.0, 5.0, 1.0):
             cfg.denoise(x, sigma)
     assert calls[0] == layers
+
+
+# prompt embeddings kept across calls (pipelines.prompt_cache)
+
+
+def encoder_calls(pipe) -> list[int]:
+    calls = [0]
+    pipe.models.text_encoder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_the_same_prompts_are_encoded_once_across_calls() -> None:
+    from sd_fixtures import small_models
+
+    from pipelines import TextToImagePipeline
+
+    pipe = TextToImagePipeline(small_models())
+    calls = encoder_calls(pipe)
+    call = dict(num_inference_steps=2, seed=0, output_type="np", progress=False)
+    first = pipe("a red circle", negative_prompt="blue", **call).images
+    n = calls[0]
+    again = pipe("a red circle", negative_prompt="blue", **call).images
+    assert calls[0] == n and (first == again).all()
+    pipe("a red square", negative_prompt="blue", **call)  # other prompts: encoded
+    assert calls[0] > n
+    pipe.set_fast_path(False)
+    n = calls[0]
+    plain = pipe("a red circle", negative_prompt="blue", **call).images
+    assert calls[0] > n and np.abs(plain - first).max() <= 1e-5  # the plain path: contiguous VAE convolutions
+
+
+def test_a_changed_text_encoder_is_never_served_from_the_cache() -> None:
+    from sd_fixtures import small_models
+
+    from pipelines import TextToImagePipeline
+
+    pipe = TextToImagePipeline(small_models())
+    cond, _ = pipe.encode_prompts(["a red circle"], [""])
+    weight = pipe.models.text_encoder.final_norm.weight if hasattr(pipe.models.text_encoder, "final_norm") else next(
+        pipe.models.text_encoder.parameters())
+    with torch.no_grad():
+        weight.data.mul_(1.5)  # through .data: no version bump; the sampled values show the change
+    changed, _ = pipe.encode_prompts(["a red circle"], [""])
+    assert not torch.equal(changed, cond)
+    pipe.set_fast_path(False)
+    assert torch.equal(pipe.encode_prompts(["a red circle"], [""])[0], changed)  # what the uncached path gives
