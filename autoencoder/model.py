@@ -72,11 +72,18 @@ def _conv3(c_in: int, c_out: int) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, padding=1)
 
 
+IN_PLACE = True  # without autograd: SiLU and residual adds overwrite fresh tensors (off: to measure the gain)
+
+
+def _in_place() -> bool:
+    return IN_PLACE and not torch.is_grad_enabled()
+
+
 def _norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
     """SiLU(GroupNorm(x)); without autograd the SiLU overwrites the norm's output, which on the CPU
     costs a fraction of allocating (and first touching) a second tensor of the same size."""
     h = norm(x)
-    return F.silu(h, inplace=True) if not torch.is_grad_enabled() else F.silu(h)
+    return F.silu(h, inplace=True) if _in_place() else F.silu(h)
 
 
 class ResnetBlock(nn.Module):
@@ -92,7 +99,7 @@ class ResnetBlock(nn.Module):
         h = self.conv1(_norm_silu(self.norm1, x))
         h = self.conv2(_norm_silu(self.norm2, h))
         shortcut = self.nin_shortcut(x)
-        if not torch.is_grad_enabled() and shortcut.dtype == h.dtype:  # into the fresh conv output; autograd keeps `+`
+        if _in_place() and shortcut.dtype == h.dtype:  # into the fresh conv output; autograd keeps `+`
             return h.add_(shortcut)
         return shortcut + h
 

@@ -40,6 +40,9 @@ def compile_unet(unet: torch.nn.Module, device: torch.device) -> bool:
     import torch._dynamo
 
     torch._dynamo.config.suppress_errors = True  # a compiler failure falls back to eager code, with a warning
+    if device.type == "cpu":
+        logger.warning("compile=True on a CPU: the compiled U-Net measured no faster than the eager one on our CPU, "
+                       "after minutes of compilation (docs/performance.md); torch.compile pays on GPUs")
     unet.compile()
     return True
 

@@ -302,3 +302,47 @@ def test_pipeline_deep_cache_is_opt_in_and_checked(capsys) -> None:
     assert main(["generate", "a red circle", "--deep-cache", "0", "-o", "/tmp/never.png"]) == 2
     err = capsys.readouterr().err
     assert "--deep-cache" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile option
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compile_without_a_compiler_warns_once_and_samples_uncompiled(monkeypatch, caplog) -> None:
+    import logging
+
+    from sd_fixtures import small_models
+
+    import pipelines.speed as speed
+    from pipelines import TextToImagePipeline
+
+    pipe = TextToImagePipeline(small_models())
+    call = dict(num_inference_steps=2, seed=0, output_type="np", progress=False)
+    expected = pipe("a red circle", **call).images
+    monkeypatch.setattr(speed.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="pipelines.speed"):
+        pipe.compile()
+    assert [r.getMessage().count("\n") for r in caplog.records] == [0] and "C++ compiler" in caplog.text
+    assert not hasattr(pipe.models.unet, "_compiled_call_impl") or pipe.models.unet._compiled_call_impl is None
+    assert np.array_equal(pipe("a red circle", **call).images, expected)
+
+
+@pytest.mark.slow
+def test_the_compiled_unet_gives_the_same_image_and_logs_its_warm_up(caplog) -> None:
+    import logging
+
+    from sd_fixtures import small_models
+
+    from pipelines import TextToImagePipeline
+
+    pipe = TextToImagePipeline(small_models())
+    call = dict(num_inference_steps=2, seed=0, output_type="np", progress=False)
+    expected = pipe("a red circle", **call).images
+    pipe.compile()
+    with caplog.at_level(logging.INFO, logger="pipelines.speed"):
+        first = pipe("a red circle", **call).images
+        again = pipe("a red circle", **call).images
+    assert np.abs(first - expected).max() <= 1e-4 and np.abs(again - expected).max() <= 1e-4
+    assert caplog.text.count("torch.compile warm-up") == 1  # the first call of this latent shape only
+    torch._dynamo.reset()

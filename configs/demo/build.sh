@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the shipped demo models from scratch (see configs/demo/README.md for times and hardware):
-#   bash configs/demo/build.sh [autoencoder|clip|text-to-image|super-resolution|semantic|classifier ...]
+#   bash configs/demo/build.sh [autoencoder|clip|text-to-image|super-resolution|semantic|classifier|controlnet ...]
 # Each model trains from its config into runs/demo/<name>/ (resuming if interrupted) and is then
 # written, float16 with its EMA U-Net, to pipelines/weights/<demo name>/. The diffusion models need the
 # autoencoder first; the classifier needs the unconditional model it guides (trained by its step).
@@ -34,10 +34,13 @@ step() {
           --output-dir runs/demo/unconditional-$i --set data.seed=$((i - 2))
       done
       ldm convert runs/demo/unconditional-6/model pipelines/weights/demo-classifier --to folder --half ;;
-    *) echo "build.sh: unknown model '$1'; allowed: autoencoder clip text-to-image super-resolution semantic classifier" >&2
+    controlnet) ldm train-controlnet configs/demo/controlnet.yaml   # on the frozen shipped `demo`
+      python configs/demo/ship_controlnet.py runs/demo/controlnet/model pipelines/weights/demo-controlnet ;;
+    *) echo "build.sh: unknown model '$1'; allowed: autoencoder clip text-to-image super-resolution semantic" \
+         "classifier controlnet" >&2
        exit 2 ;;
   esac
 }
-for name in "${@:-autoencoder clip text-to-image super-resolution semantic classifier}"; do
+for name in "${@:-autoencoder clip text-to-image super-resolution semantic classifier controlnet}"; do
   for one in $name; do step "$one"; done
 done
