@@ -73,6 +73,12 @@ def generator_seeds(generator: torch.Generator | list[torch.Generator]) -> int |
     return generator.initial_seed()
 
 
+def _normal(value: Any) -> Any:
+    """An inference-mode tensor as an ordinary one (a copy), which callers may change in place or differentiate;
+    anything else as it is."""
+    return value.clone() if isinstance(value, Tensor) and value.is_inference() else value
+
+
 def resolve_source(source: str | Path) -> Path:
     """A demo name ("demo", "demo-sr", "demo-controlnet", ...) → its folder shipped in the package; else the path."""
     if str(source) in DEMO_MODELS + DEMO_CONTROLNETS:
@@ -283,14 +289,19 @@ class Pipeline(MemorySwitches, TextualInversionMixin, LoraMixin):
         seed = self.resolve_seed(options.seed) if options.generator is None else generator_seeds(options.generator)
         noise, generator = self.initial_noise(shape, seed if options.generator is None else None, options.latents,
                                               options.generator)
-        latents = self.sample(denoiser, noise, generator, conditioning, options)
+        grad_free = self.fast and conditioning.class_labels is None  # classifier guidance differentiates
+        with torch.inference_mode(grad_free):  # no autograd bookkeeping at all: 5-15% faster on CPU
+            latents = self.sample(denoiser, noise, generator, conditioning, options)
+        latents = _normal(latents)
         if conditioning.keep is not None:  # exact where kept, also for a sampler that ends above σ = 0 (DDIM)
             latents = keep_known(latents, *(t.to(self.device) for t in conditioning.keep))
         if not bool(torch.isfinite(latents).all()):  # would decode to a black image
             raise FloatingPointError(f"sampling gave non-finite latents (seed {seed}, guidance_scale "
                                      f"{options.guidance_scale:g}, sampler {options.sampler!r}); the model's weights "
                                      "or a float16 overflow are the usual causes: try dtype float32")
-        return dataclasses.replace(self.decode(latents, options.output_type, options.tile), seed=seed)
+        with torch.inference_mode(self.fast):
+            out = self.decode(latents, options.output_type, options.tile)
+        return dataclasses.replace(out, images=_normal(out.images), seed=seed)
 
     def prepare(self, conditioning: Conditioning, n: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The U-Net's conditional and unconditional inputs for P prompts × n images: the text context
