@@ -49,8 +49,9 @@ def add_sampling_options(p: argparse.ArgumentParser, model: str, guidance: float
                    help="torch.compile the U-Net: the first image of a size pays a warm-up (logged; minutes on a CPU, "
                    "less from the second process on, which reuses PyTorch's cache), later ones run compiled")
     p.add_argument("--deep-cache", type=int, default=None, metavar="N",
-                   help="approximate, faster: the U-Net in full every N model calls and only its outer blocks in "
-                   "between (DeepCache); its quality cost is in docs/performance.md (default: off)")
+                   help="approximate, faster: after 7 full model calls, the U-Net in full every N calls and only "
+                   "its outer blocks in between (DeepCache; 6 on the demo: 2.2x faster, quality cost in "
+                   "docs/performance.md) (default: off)")
     add_device_option(p)
 
 

@@ -144,11 +144,12 @@ class Pipeline(MemorySwitches, TextualInversionMixin, LoraMixin):
         self.fast = enabled
         apply_fast_path(self.models, enabled)
 
-    def enable_deep_cache(self, interval: int = 3, depth: int = 1, first: int = 0) -> None:
+    def enable_deep_cache(self, interval: int = 6, depth: int = 1, first: int = 7) -> None:
         """Approximate sampling, opt-in (DeepCache, Ma et al. 2024): the U-Net runs in full every ``interval``
         model calls and in between only its first ``depth + 1`` input and last ``depth + 1`` output blocks on the
-        deep features of the last full call; the first ``first`` calls run in full. Its cost in quality on the
-        demo is in docs/performance.md."""
+        deep features of the last full call; the first ``first`` calls run in full (they set the layout). The
+        defaults, on the demo's 25 steps: 2.2x faster for one image, attributes 0.973 against 0.984
+        (docs/performance.md)."""
         check_int("interval", interval, 1, 1000)
         check_int("depth", depth, 0, len(self.models.unet.input_blocks) - 2)
         self._deep_cache = (interval, depth, check_int("first", first, 0))

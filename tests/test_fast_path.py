@@ -241,7 +241,7 @@ def test_deep_cache_runs_in_full_every_interval_calls() -> None:
 
     unet, (x, context) = deep_cache_unet(), deep_inputs()
     calls = count_middle_calls(unet)
-    with torch.no_grad(), reusing_deep_features(unet, interval=3, depth=1):
+    with torch.no_grad(), reusing_deep_features(unet, interval=3, depth=1, first=0):
         for t in (900, 800, 700, 600, 500):
             unet(x, torch.tensor([t, t]), context)
     assert calls[0] == 2  # calls 1 and 4 in full; 2, 3 and 5 reuse
@@ -260,7 +260,7 @@ def test_a_reusing_call_composes_the_shallow_blocks_with_the_stored_deep_feature
     t = torch.tensor([700, 700])
     with torch.no_grad():
         full = unet(x, t, context)
-        with reusing_deep_features(unet, interval=2, depth=1):
+        with reusing_deep_features(unet, interval=2, depth=1, first=0):
             first, again = unet(x, t, context), unet(x, t, context)  # the second reuses: same inputs, same result
             unet(x, t, context)  # full again (interval 2)
             moved = unet(x, t - 300, context)  # reuses features of t = 700 at t = 400: an approximation
@@ -275,7 +275,7 @@ def test_deep_cache_runs_in_full_when_the_batch_changes_or_under_autograd() -> N
 
     unet, (x, context) = deep_cache_unet(), deep_inputs()
     calls = count_middle_calls(unet)
-    with reusing_deep_features(unet, interval=4):
+    with reusing_deep_features(unet, interval=4, first=0):
         with torch.no_grad():
             unet(x, torch.tensor([900, 900]), context)
             unet(x[:1], torch.tensor([800]), context[:1])  # guidance switched off: another batch, in full
@@ -292,7 +292,7 @@ def test_pipeline_deep_cache_is_opt_in_and_checked(capsys) -> None:
     pipe = TextToImagePipeline(small_models())
     call = dict(num_inference_steps=6, seed=0, output_type="np", progress=False)
     exact = pipe("a red circle", **call).images
-    pipe.enable_deep_cache(3)
+    pipe.enable_deep_cache(3, first=0)
     approx = pipe("a red circle", **call).images
     pipe.disable_deep_cache()
     assert np.array_equal(pipe("a red circle", **call).images, exact)
@@ -346,3 +346,32 @@ def test_the_compiled_unet_gives_the_same_image_and_logs_its_warm_up(caplog) -> 
     assert np.abs(first - expected).max() <= 1e-4 and np.abs(again - expected).max() <= 1e-4
     assert caplog.text.count("torch.compile warm-up") == 1  # the first call of this latent shape only
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# inference mode
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output_type", ["pt", "latent"])
+def test_tensors_a_pipeline_returns_are_ordinary_ones(output_type: str) -> None:
+    from sd_fixtures import small_models
+
+    from pipelines import TextToImagePipeline
+
+    images = TextToImagePipeline(small_models())("a red circle", num_inference_steps=2, seed=0,
+                                                 output_type=output_type, progress=False).images
+    assert not images.is_inference()  # sampled under torch.inference_mode, handed back as a copy
+    images.add_(1.0)  # in place outside inference mode: an inference tensor would refuse
+    assert images.requires_grad_().requires_grad
+
+
+def test_deep_cache_runs_the_first_calls_in_full() -> None:
+    from ldm.modules.unet import reusing_deep_features
+
+    unet, (x, context) = deep_cache_unet(), deep_inputs()
+    calls = count_middle_calls(unet)
+    with torch.no_grad(), reusing_deep_features(unet, interval=6, depth=1, first=7):
+        for t in range(990, 0, -70):  # 15 calls: 1-7 in full, then every 6th (13)
+            unet(x, torch.tensor([t, t]), context)
+    assert calls[0] == 8

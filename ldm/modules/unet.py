@@ -329,9 +329,9 @@ class DeepFeatureCache:
     approximation, opt-in. A call of another batch shape, dtype or device (e.g. guidance switched off below a
     σ) runs in full."""
 
-    interval: int = 3
+    interval: int = 6
     depth: int = 1
-    first: int = 0  # calls at the start that run in full (the high-noise steps set the layout)
+    first: int = 7  # calls at the start that run in full (the high-noise steps set the layout)
     features: Tensor | None = None
     key: tuple | None = None
     since_full: int = 0
@@ -349,8 +349,8 @@ class DeepFeatureCache:
 
 
 @contextlib.contextmanager
-def reusing_deep_features(unet: UNet, interval: int = 3, depth: int = 1,
-                          first: int = 0) -> Iterator[DeepFeatureCache]:
+def reusing_deep_features(unet: UNet, interval: int = 6, depth: int = 1,
+                          first: int = 7) -> Iterator[DeepFeatureCache]:
     """Within the block ``unet`` reuses its deep features across calls without autograd (see
     :class:`DeepFeatureCache`); ``interval`` ≥ 1 (1: every call in full), 0 ≤ ``depth`` < the number of
     input blocks; the first ``first`` calls in full."""

@@ -1,0 +1,66 @@
+"""How the cost of our text-to-image call grows with the image size and the batch, with its peak memory.
+
+The weights of benchmarks/pipeline_vs_diffusers.py (SD v1 layout, width 64, random), 10 DDIM steps, guidance 7.5,
+the exact fast path; per setting the median of ``--runs`` calls after a warm-up, and the process's peak resident
+memory growth over the setting's first call (``ru_maxrss``, so a setting only counts when it needs more than any
+earlier one: sizes and batches run from small to large).
+
+    OMP_NUM_THREADS=2 python benchmarks/pipeline_scaling.py [--runs 3] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pipeline_vs_diffusers import build_diffusers_folder  # noqa: E402
+
+SETTINGS = [(128, 1), (256, 1), (384, 1), (512, 1), (256, 2), (256, 4)]  # (side, batch)
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    from pipelines import TextToImagePipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_diffusers_folder(Path(tmp), 64)
+        pipe = TextToImagePipeline.from_pretrained(Path(tmp) / "sd")
+    rows = []
+    for side, batch in SETTINGS:
+        call = dict(num_inference_steps=10, guidance_scale=7.5, sampler="ddim", height=side, width=side,
+                    guidance_interval=(0.0, None), progress=False, output_type="np")
+        before = peak_mb()
+        pipe(["a red circle"] * batch, seed=0, **call)
+        grown = peak_mb() - before
+        times = []
+        for seed in range(args.runs):
+            start = time.perf_counter()
+            pipe(["a red circle"] * batch, seed=seed, **call)
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times)
+        rows.append({"side": side, "batch": batch, "median_s": round(median, 3),
+                     "per_image_s": round(median / batch, 3), "peak_rss_growth_mb": round(grown)})
+        print(json.dumps(rows[-1]), flush=True)
+    report = {"threads": torch.get_num_threads(), "peak_rss_mb": round(peak_mb()), "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
