@@ -44,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fast-path", choices=["on", "off"], default="on",
                    help="ours: the exact fast path (off: the plain path, subpixel upsampling too)")
     p.add_argument("--compile", action="store_true", help="torch.compile both (ours: compile=True)")
+    p.add_argument("--deep-cache", type=int, default=None, metavar="N",
+                   help="ours with DeepCache at interval N (approximate: the image difference is then not a parity)")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     return p.parse_args()
 
@@ -105,6 +107,8 @@ def main() -> None:
         theirs = StableDiffusionPipeline.from_pretrained(Path(tmp) / "sd", torch_dtype=dtype, local_files_only=True)
         ours = TextToImagePipeline.from_pretrained(Path(tmp) / "sd", device=device, torch_dtype=dtype,
                                                    fast=args.fast_path == "on", compile=args.compile)
+    if args.deep_cache:
+        ours.enable_deep_cache(args.deep_cache)
     theirs = theirs.to(device)
     theirs.set_progress_bar_config(disable=True)
     if args.compile:
@@ -127,7 +131,7 @@ def main() -> None:
         "setting": f"SD v1 layout U-Net width {args.unet_width or args.width}, VAE {args.width}, "
                    f"{args.size}x{args.size}, {args.steps} DDIM steps, batch "
                    f"{args.batch}, guidance 7.5, {args.device} {args.dtype}, {torch.get_num_threads()} threads",
-        "fast_path": args.fast_path, "compile": args.compile,
+        "fast_path": args.fast_path, "compile": args.compile, "deep_cache": args.deep_cache,
         "first_call_s": {name: round(w[0], 3) for name, w in warm.items()},
         "median_s": {name: round(statistics.median(ts), 4) for name, ts in times.items()},
         "all_s": {name: [round(t, 4) for t in ts] for name, ts in times.items()},
