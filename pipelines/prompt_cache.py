@@ -18,12 +18,12 @@ _PROBE = 8  # values sampled per parameter
 def encoder_stamp(encoder: nn.Module, hooks: Hashable) -> tuple:
     """What changes when ``encoder`` may compute something else: its parameters' storage, in-place version and a
     few of their values, and ``hooks`` (e.g. the LoRA layers hooked into it)."""
-    parts = []
-    for p in encoder.parameters():
-        flat = p.detach().reshape(-1)
-        probe = flat[:: max(1, flat.numel() // _PROBE)][:_PROBE]
-        parts.append((p.data_ptr(), p._version, tuple(p.shape), p.dtype, probe.float().cpu().numpy().tobytes()))
-    return tuple(parts), hooks
+    params = list(encoder.parameters())
+    if not params:
+        return (), hooks
+    probes = [p.detach().reshape(-1)[:: max(1, p.numel() // _PROBE)][:_PROBE].float() for p in params]
+    values = torch.cat(probes).cpu().numpy().tobytes()  # one copy from the device, not one per parameter
+    return tuple((p.data_ptr(), p._version, tuple(p.shape), p.dtype) for p in params), values, hooks
 
 
 class PromptCache:
