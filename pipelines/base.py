@@ -127,17 +127,18 @@ class Pipeline(MemorySwitches, TextualInversionMixin, LoraMixin):
 
     fast: bool = True
     _warm_up: WarmUpTimer | None = None
+    _deep_cache: tuple[int, int, int] | None = None
 
     @property
     def _prompt_cache(self) -> PromptCache:
         if "_prompts" not in self.__dict__:
             self.__dict__["_prompts"] = PromptCache()
         return self.__dict__["_prompts"]
-    _deep_cache: tuple[int, int, int] | None = None
 
     def set_fast_path(self, enabled: bool = True) -> None:
-        """The exact fast path (on by default; see pipelines.speed): the text context's cross-attention keys and
-        values computed once per call, the autoencoder in channels-last memory format. Off: the plain path, for
+        """The exact fast path (on by default; see pipelines.speed): prompt embeddings kept across calls, the text
+        context's cross-attention keys and values computed once per call, sampling and decoding under
+        ``torch.inference_mode``, the autoencoder in channels-last memory format. Off: the plain path, for
         measuring it."""
         if not isinstance(enabled, bool):
             raise ValueError(f"fast={enabled!r} is not allowed; allowed: True or False")
@@ -291,7 +292,7 @@ class Pipeline(MemorySwitches, TextualInversionMixin, LoraMixin):
         noise, generator = self.initial_noise(shape, seed if options.generator is None else None, options.latents,
                                               options.generator)
         grad_free = self.fast and conditioning.class_labels is None  # classifier guidance differentiates
-        with torch.inference_mode(grad_free):  # no autograd bookkeeping at all: 5-15% faster on CPU
+        with torch.inference_mode(grad_free):  # no autograd bookkeeping at all
             latents = self.sample(denoiser, noise, generator, conditioning, options)
         latents = _normal(latents)
         if conditioning.keep is not None:  # exact where kept, also for a sampler that ends above σ = 0 (DDIM)
