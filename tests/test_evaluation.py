@@ -17,8 +17,8 @@ from ldm.data.shapes import BACKGROUNDS, COLOURS, SHAPES, ShapeObject, make_samp
 from ldm_toolkit.cli import main
 from pipelines.evaluation import score_adherence, summarize_adherence
 from pipelines.evaluation.classifier import evaluate_classifier_guidance
-from pipelines.evaluation.controlnet import evaluate_controlnet, heldout_scenes
-from pipelines.evaluation.spatial import evaluate_semantic, evaluate_super_resolution, psnr
+from pipelines.evaluation.controlnet import evaluate_controlnet
+from pipelines.evaluation.spatial import evaluate_semantic, evaluate_super_resolution, heldout_samples, psnr
 from pipelines.evaluation.text_to_image import heldout_prompts
 
 
@@ -131,7 +131,7 @@ def _other_colour(colour: str, background: str) -> str:
 
 
 def test_controlnet_metrics_separate_the_map_from_the_prompt() -> None:
-    samples = heldout_scenes(40, 1004)
+    samples = heldout_samples(40, 1004, two_object_prob=0.5)
     assert len({len(s.objects) for s in samples}) == 2  # one- and two-object scenes
     exact = MapPainter(samples)
     report, _ = evaluate_controlnet(exact, 40, 1004, steps=1, sampler="ddim")

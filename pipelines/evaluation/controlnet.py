@@ -8,15 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldm.data.shapes import ShapeObject, ShapeSample, detect_objects, make_sample, object_mask
+from ldm.data.shapes import ShapeSample, detect_objects, object_mask
 from pipelines.controlnet import ControlNetPipeline
-from pipelines.evaluation.spatial import box_overlap
+from pipelines.evaluation.spatial import best_match, heldout_samples
 from pipelines.training.controlnet import render_hint
-
-
-def heldout_scenes(count: int, seed: int, two_object_prob: float = 0.5) -> list[ShapeSample]:
-    """``count`` scenes of data seed ``seed`` with their full captions (every attribute stated)."""
-    return [make_sample(seed, i, two_object_prob, drop_prob=0.0) for i in range(count)]
 
 
 def hint_images(samples: list[ShapeSample]) -> torch.Tensor:
@@ -30,7 +25,7 @@ def evaluate_controlnet(pipe: ControlNetPipeline, count: int, seed: int, steps: 
     """Per scene: the foreground IoU of the map and the output's object pixels; per object of the map, whether
     the detected object overlapping its box most has the caption's colour, the map's shape, and both. With
     ``baseline`` the same prompts and noise without the ControlNet (control scale 0) are scored too."""
-    samples = heldout_scenes(count, seed)
+    samples = heldout_samples(count, seed, two_object_prob=0.5)  # prompts: their full captions
     report: dict[str, Any] = {"pairs": count, "data_seed": seed, "steps": steps, "sampler": sampler,
                               "guidance": guidance}
     extra: dict[str, Any] = {"samples": samples}
@@ -61,15 +56,9 @@ def score_scenes(samples: list[ShapeSample], images: list[np.ndarray]) -> dict[s
         ious.append((truth & found).sum() / max(1, (truth | found).sum()))
         detected = detect_objects(image)
         for obj in sample.objects:
-            match = _best_match(obj, detected)
+            match = best_match(obj, detected)
             colour.append(match is not None and match.colour == obj.colour)
             shape.append(match is not None and match.shape == obj.shape)
     both = [c and s for c, s in zip(colour, shape)]
     return {"foreground_iou": float(np.mean(ious)), "colour_accuracy": float(np.mean(colour)),
             "shape_accuracy": float(np.mean(shape)), "colour_and_shape": float(np.mean(both)), "objects": len(both)}
-
-
-def _best_match(truth: ShapeObject, detected: list[ShapeObject]) -> ShapeObject | None:
-    """The detected object whose box overlaps ``truth``'s most (None: none overlaps)."""
-    best = max(detected, key=lambda obj: box_overlap(obj.bbox, truth.bbox), default=None)
-    return best if best is not None and box_overlap(best.bbox, truth.bbox) > 0 else None

@@ -75,7 +75,13 @@ def box_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> i
     return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
+def best_match(truth: Any, detected: list) -> Any:
+    """The detected object whose box overlaps ``truth``'s most (None: none overlaps it)."""
+    best = max(detected, key=lambda obj: box_overlap(obj.bbox, truth.bbox), default=None)
+    return best if best is not None and box_overlap(best.bbox, truth.bbox) > 0 else None
+
+
 def _region_class_hit(truth: Any, detected: list) -> bool:
     """Whether the detected object overlapping ``truth``'s box most has its shape."""
-    best = max(detected, key=lambda obj: box_overlap(obj.bbox, truth.bbox), default=None)
-    return best is not None and box_overlap(best.bbox, truth.bbox) > 0 and best.shape == truth.shape
+    match = best_match(truth, detected)
+    return match is not None and match.shape == truth.shape
