@@ -90,9 +90,9 @@ def check_before_sampling(args: argparse.Namespace) -> None:
         from ldm.validation import check_int
 
         check_int("--deep-cache", args.deep_cache, 1, 1000)
-    for text in getattr(args, "control", []):
-        from pipelines.base import DEMO_CONTROLNETS
+    from pipelines.base import DEMO_CONTROLNETS
 
+    for text in getattr(args, "control", []):
         net, image, _ = _control_argument(text)
         for what, path in (("ControlNet", net), ("control image", image)):
             if not (what == "ControlNet" and path in DEMO_CONTROLNETS) and not Path(path).exists():

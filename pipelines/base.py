@@ -119,8 +119,9 @@ class Pipeline(MemorySwitches, TextualInversionMixin, LoraMixin):
         dtype = dtype or torch_dtype
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype={dtype!r} is not allowed; allowed: torch.float32, torch.float16, torch.bfloat16")
-        pipe = cls(load_models(resolve_source(source), **options), device, dtype)
-        pipe.set_fast_path(fast)
+        pipe = cls(load_models(resolve_source(source), **options), device, dtype)  # the fast path on
+        if fast is not True:
+            pipe.set_fast_path(fast)
         if compile:
             pipe.compile()
         return pipe
