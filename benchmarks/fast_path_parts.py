@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,15 +23,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_vs_diffusers import PROMPTS, build_diffusers_folder  # noqa: E402
+from pipeline_vs_diffusers import PROMPTS, load_pipelines  # noqa: E402
 
 
-def median_times(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
-    for fn in fns.values():
+def median_times(fns: dict[str, Callable[[], object]], runs: int,
+                 setups: dict[str, Callable[[], object]] | None = None) -> dict[str, float]:
+    """Median seconds of each ``fns[name]()`` over ``runs`` alternating rounds after a warm-up; ``setups[name]()``
+    runs before each call, outside the timing."""
+    setups = setups or {}
+    for name, fn in fns.items():
+        setups.get(name, lambda: None)()
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(runs):
         for name in list(fns)[:: 1 if i % 2 == 0 else -1]:
+            setups.get(name, lambda: None)()
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
@@ -68,22 +73,20 @@ def vae_parts(vae: torch.nn.Module, theirs: torch.nn.Module, runs: int) -> dict[
 
     z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
 
-    def run(channels_last: bool, in_place: bool, subpixel: bool) -> Callable[[], object]:
-        def fn() -> object:
+    def setup(channels_last: bool, in_place: bool, subpixel: bool) -> Callable[[], None]:
+        def apply() -> None:
             vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             upsample.set_subpixel_upsample(subpixel)
             model.IN_PLACE = in_place
-            return vae.decode(z)
-        return fn
+        return apply
 
-    times = median_times({
-        "diffusers": lambda: theirs.decode(z),
-        "ours_plain": run(False, False, False),
-        "ours_channels_last": run(True, False, False),
-        "ours_channels_last_in_place": run(True, True, False),
-        "ours_channels_last_in_place_fused_upsample": run(True, True, True),
-        "ours_nchw_in_place_fused_upsample": run(False, True, True),
-    }, runs)
+    variants = {"ours_plain": (False, False, False), "ours_channels_last": (True, False, False),
+                "ours_channels_last_in_place": (True, True, False),
+                "ours_channels_last_in_place_fused_upsample": (True, True, True),
+                "ours_nchw_in_place_fused_upsample": (False, True, True)}
+    fns = {"diffusers": lambda: theirs.decode(z), **{name: lambda: vae.decode(z) for name in variants}}
+    setups = {"diffusers": setup(True, True, True), **{name: setup(*flags) for name, flags in variants.items()}}
+    times = median_times(fns, runs, setups)
     model.IN_PLACE = True
     upsample.set_subpixel_upsample(True)
     return times
@@ -92,15 +95,12 @@ def vae_parts(vae: torch.nn.Module, theirs: torch.nn.Module, runs: int) -> dict[
 def text_parts(pipe: object, runs: int) -> dict[str, float]:
     negatives = ["blurry"] * len(PROMPTS)
 
-    def plain() -> object:
-        pipe.set_fast_path(False)
+    def encode() -> object:
         return pipe.encode_prompts(PROMPTS, negatives)
 
-    def cached() -> object:
-        pipe.set_fast_path(True)
-        return pipe.encode_prompts(PROMPTS, negatives)
-
-    return median_times({"ours_plain": plain, "ours_prompt_cache": cached}, runs)
+    return median_times({"ours_plain": encode, "ours_prompt_cache": encode}, runs,
+                        {"ours_plain": lambda: pipe.set_fast_path(False),
+                         "ours_prompt_cache": lambda: pipe.set_fast_path(True)})
 
 
 def main() -> None:
@@ -108,14 +108,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    from diffusers import StableDiffusionPipeline
-
-    from pipelines import TextToImagePipeline
-
-    with tempfile.TemporaryDirectory() as tmp:
-        build_diffusers_folder(Path(tmp), 64)
-        theirs = StableDiffusionPipeline.from_pretrained(Path(tmp) / "sd", local_files_only=True)
-        ours = TextToImagePipeline.from_pretrained(Path(tmp) / "sd")
+    ours, theirs = load_pipelines()
     with torch.inference_mode():
         report = {"threads": torch.get_num_threads(),
                   "unet_10_steps_s": unet_parts(ours.models.unet, theirs.unet, args.runs),

@@ -14,14 +14,13 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_vs_diffusers import build_diffusers_folder  # noqa: E402
+from pipeline_vs_diffusers import load_pipelines  # noqa: E402
 
 SETTINGS = [(128, 1), (256, 1), (384, 1), (512, 1), (256, 2), (256, 4)]  # (side, batch)
 
@@ -43,11 +42,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    from pipelines import TextToImagePipeline
-
-    with tempfile.TemporaryDirectory() as tmp:
-        build_diffusers_folder(Path(tmp), 64)
-        pipe = TextToImagePipeline.from_pretrained(Path(tmp) / "sd")
+    pipe, _ = load_pipelines(with_diffusers=False)
     rows = []
     for side, batch in SETTINGS:
         call = dict(num_inference_steps=10, guidance_scale=7.5, sampler="ddim", height=side, width=side,

@@ -80,6 +80,22 @@ def build_diffusers_folder(folder: Path, width: int, unet_width: int | None = No
                             requires_safety_checker=False).save_pretrained(folder / "sd")
 
 
+def load_pipelines(width: int = 64, unet_width: int | None = None, dtype: torch.dtype = torch.float32,
+                   with_diffusers: bool = True, **ours_options: object) -> tuple[object, object | None]:
+    """Our TextToImagePipeline and (``with_diffusers``) diffusers' StableDiffusionPipeline on the same random
+    weights, built once in a temporary folder (``ours_options``: from_pretrained's)."""
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines import TextToImagePipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_diffusers_folder(Path(tmp), width, unet_width)
+        theirs = (StableDiffusionPipeline.from_pretrained(Path(tmp) / "sd", torch_dtype=dtype, local_files_only=True)
+                  if with_diffusers else None)
+        ours = TextToImagePipeline.from_pretrained(Path(tmp) / "sd", torch_dtype=dtype, **ours_options)
+    return ours, theirs
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -95,18 +111,12 @@ def timed(fn: Callable[[], np.ndarray], device: torch.device) -> tuple[float, np
 
 def main() -> None:
     args = parse_args()
-    from diffusers import StableDiffusionPipeline
-
     from ldm.modules.upsample import set_subpixel_upsample
-    from pipelines import TextToImagePipeline
 
     set_subpixel_upsample(args.fast_path == "on")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    with tempfile.TemporaryDirectory() as tmp:
-        build_diffusers_folder(Path(tmp), args.width, args.unet_width)
-        theirs = StableDiffusionPipeline.from_pretrained(Path(tmp) / "sd", torch_dtype=dtype, local_files_only=True)
-        ours = TextToImagePipeline.from_pretrained(Path(tmp) / "sd", device=device, torch_dtype=dtype,
-                                                   fast=args.fast_path == "on", compile=args.compile)
+    ours, theirs = load_pipelines(args.width, args.unet_width, dtype, device=device, fast=args.fast_path == "on",
+                                  compile=args.compile)
     if args.deep_cache:
         ours.enable_deep_cache(args.deep_cache)
     theirs = theirs.to(device)
