@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from run_fixtures import caption_folder
 from safetensors.torch import load_file
 from sd_fixtures import small_models
 
@@ -26,7 +27,6 @@ from pipelines.training.lora import LoraTask, load_lora, merge_lora, read_lora_s
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = str(ROOT / "configs" / "demo" / "finetune-smoke.yaml")
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 STEPS = 25
 ADAPTED = ("to_q", "to_k", "to_v", "to_out.0")  # the default lora.target_modules
 # ᾱ_t of small_models()' schedule (SD's scaled_linear betas, Ho et al. 2020 eq. 4), computed here, not by ldm
@@ -39,16 +39,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ``images/``: 8 coloured 8×8 squares on black, 16×16 PNGs, with metadata.jsonl."""
     root = tmp_path_factory.mktemp("finetune")
     small_models().save(root / "base")
-    images, lines = root / "images", []
-    images.mkdir()
-    for i in range(8):
-        name, rgb = list(COLOURS.items())[i % 4]
-        image, x = Image.new("RGB", (16, 16)), 2 + 6 * (i // 4)
-        image.paste(rgb, (x, 4, x + 8, 12))
-        image.save(images / f"{i}.png")
-        side = "left" if i < 4 else "right"
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a {name} square on the {side}"}))
-    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    caption_folder(root / "images", "square")
     return root
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_fixtures import run_capturing_task
 from safetensors.torch import load_file
 from sd_fixtures import small_models
 
@@ -46,20 +47,6 @@ def args(base: Path, out: Path, steps: int, *sets: str, checkpoint_every: int = 
             str(checkpoint_every), "--seed", "0", *[arg for option in options for arg in ("--set", option)]]
 
 
-def run_capturing_task(argv: list[str]) -> ControlNetTask:
-    found = []
-    real = ldm_toolkit.train.build_task
-
-    def spy(*a, **kw):
-        found.append(real(*a, **kw))
-        return found[-1]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ldm_toolkit.train, "build_task", spy)
-        assert cli_main(argv) == 0
-    (task,) = found
-    assert isinstance(task, ControlNetTask)
-    return task
 
 
 @dataclass
@@ -71,7 +58,7 @@ class Run:
 @pytest.fixture(scope="module")
 def trained(base: Path) -> Run:
     out = base.parent / "run"
-    return Run(out, run_capturing_task(args(base, out, STEPS)))
+    return Run(out, run_capturing_task(args(base, out, STEPS), ControlNetTask))
 
 
 def samples() -> tuple[torch.Tensor, torch.Tensor]:

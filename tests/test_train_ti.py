@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from run_fixtures import caption_folder, run_capturing_task
 from safetensors.torch import load_file
 from sd_fixtures import small_models
 
@@ -28,7 +29,6 @@ from pipelines.training.textual_inversion import TextualInversionTask, read_sett
 ROOT = Path(__file__).resolve().parents[1]
 TI_SMOKE = str(ROOT / "configs" / "demo" / "ti-smoke.yaml")
 TOKEN, INIT = "<my-thing>", "square"
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 STEPS = 50
 # ᾱ_t of small_models()' schedule (SD's scaled_linear betas, Ho et al. 2020 eq. 4), computed here, not by ldm
 ALPHA_BAR = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0)
@@ -47,16 +47,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
             if ".attn2.to_v." in name:
                 p.mul_(20.0)
     models.save(root / "base")
-    images, lines = root / "images", []
-    images.mkdir()
-    for i in range(8):
-        name, rgb = list(COLOURS.items())[i % 4]
-        image, x = Image.new("RGB", (16, 16)), 2 + 6 * (i // 4)
-        image.paste(rgb, (x, 4, x + 8, 12))
-        image.save(images / f"{i}.png")
-        side = "left" if i < 4 else "right"
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a {name} {TOKEN} on the {side}"}))
-    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    caption_folder(root / "images", TOKEN)
     return root
 
 
@@ -74,26 +65,12 @@ class TiRun:
     task: TextualInversionTask
 
 
-def run_capturing_task(argv: list[str]) -> TextualInversionTask:
-    found = []
-    real = ldm_toolkit.train.build_task
-
-    def spy(*args, **kwargs):
-        found.append(real(*args, **kwargs))
-        return found[-1]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ldm_toolkit.train, "build_task", spy)
-        assert cli_main(argv) == 0
-    (task,) = found
-    assert isinstance(task, TextualInversionTask)
-    return task
 
 
 @pytest.fixture(scope="module")
 def ti_run(data: Path) -> TiRun:
     out = data / "run"
-    return TiRun(out, run_capturing_task(ti_args(data, out, STEPS)))
+    return TiRun(out, run_capturing_task(ti_args(data, out, STEPS), TextualInversionTask))
 
 
 def learned(folder: Path) -> torch.Tensor:
